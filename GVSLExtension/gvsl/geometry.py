@@ -56,24 +56,32 @@ def identity_grid(shape: Sequence[int], device=None, dtype=torch.float32) -> tor
     return torch.stack(torch.meshgrid(*axes, indexing="ij")).unsqueeze(0)
 
 
-def _centre_zyx(shape: Sequence[int], device, dtype) -> torch.Tensor:
-    return torch.tensor([(int(s) - 1) / 2.0 for s in shape], device=device, dtype=dtype).view(1, 3, 1, 1, 1)
+def _linear_zyx(mat: torch.Tensor) -> torch.Tensor:
+    """The (B, 3, 3) linear part of an (x, y, z) affine, re-indexed to act on (z, y, x) vectors."""
+    return mat[:, :3, :3].flip(1).flip(2)
 
 
-def _apply_linear_zyx(lin_xyz: torch.Tensor, v_zyx: torch.Tensor) -> torch.Tensor:
-    """Apply (B, 3, 3) matrices acting on (x, y, z) to (B, 3, ...) vectors stored as (z, y, x)."""
-    out_xyz = torch.einsum("bij,bj...->bi...", lin_xyz, v_zyx.flip(1))
-    return out_xyz.flip(1)
+def _apply_linear_zyx(lin_zyx: torch.Tensor, v_zyx: torch.Tensor) -> torch.Tensor:
+    """(B, 3, 3) @ (B, 3, D, H, W) per voxel, as one batched matmul."""
+    b = v_zyx.shape[0]
+    return torch.bmm(lin_zyx.expand(b, -1, -1), v_zyx.reshape(b, 3, -1)).view_as(v_zyx)
 
 
 def affine_displacement(mat: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
-    """Displacement (B, 3, D, H, W) voxels, channels (z, y, x), of the affine ``mat`` (B, 4, 4)."""
+    """Displacement (B, 3, D, H, W) voxels, channels (z, y, x), of the affine ``mat`` (B, 4, 4).
+
+    ``d(p) = (L - I)(p - c) + t``, built by broadcasting one axis at a time (no full grid).
+    """
     mat = mat.float()
-    grid = identity_grid(shape, mat.device, mat.dtype)
-    centred = grid - _centre_zyx(shape, mat.device, mat.dtype)
-    lin = mat[:, :3, :3]
-    t_zyx = mat[:, :3, 3].flip(1).view(-1, 3, 1, 1, 1)
-    return _apply_linear_zyx(lin, centred.expand(mat.shape[0], -1, -1, -1, -1)) + t_zyx - centred
+    b, dev = mat.shape[0], mat.device
+    m = _linear_zyx(mat) - torch.eye(3, device=dev)  # (B, 3 out, 3 in), in (z, y, x)
+    t_zyx = mat[:, :3, 3].flip(1)
+    axes = [torch.arange(int(s), device=dev, dtype=mat.dtype) - (int(s) - 1) / 2.0 for s in shape]
+    z = axes[0].view(1, 1, -1, 1, 1)
+    y = axes[1].view(1, 1, 1, -1, 1)
+    x = axes[2].view(1, 1, 1, 1, -1)
+    col = lambda k: m[:, :, k].view(b, 3, 1, 1, 1)  # noqa: E731
+    return col(0) * z + col(1) * y + col(2) * x + t_zyx.view(b, 3, 1, 1, 1)
 
 
 def fuse(mat: torch.Tensor, flow: torch.Tensor) -> torch.Tensor:
@@ -85,8 +93,8 @@ def fuse(mat: torch.Tensor, flow: torch.Tensor) -> torch.Tensor:
     (exact, since A is affine: ``A(p) + L u(p)``). Warping with the result equals warping with
     the affine and then with the flow (tested). Returns ``phi(p) - p`` (B, 3, D, H, W) voxels.
     """
-    lin = mat[:, :3, :3].float()
-    return affine_displacement(mat, flow.shape[2:]) + _apply_linear_zyx(lin, flow.float())
+    mat = mat.float()
+    return affine_displacement(mat, flow.shape[2:]) + _apply_linear_zyx(_linear_zyx(mat), flow.float())
 
 
 def warp(image: torch.Tensor, displacement: torch.Tensor, mode: str = "bilinear",
