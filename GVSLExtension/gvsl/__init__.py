@@ -24,7 +24,8 @@ _LAZY = {
     "save_checkpoint": "gvsl.checkpoint",
     "CheckpointError": "gvsl.checkpoint",
     "select_device": "gvsl.device",
-    "register": "gvsl.register",
+    "register": "gvsl.registration",
+    "RegistrationResult": "gvsl.registration",
 }
 
 

@@ -63,7 +63,8 @@ def _user_error_types():
         types += [CheckpointError, DeviceError]
     except ImportError:  # pragma: no cover
         pass
-    for mod, name in (("gvsl.io", "VolumeError"), ("gvsl.register", "RegistrationError")):
+    for mod, name in (("gvsl.io", "VolumeError"), ("gvsl.registration", "RegistrationError"),
+                      ("gvsl.train", "TrainingError")):
         try:
             types.append(getattr(importlib.import_module(mod), name))
         except (ImportError, AttributeError):
@@ -103,6 +104,29 @@ def _add_info(sub) -> None:
     _device_arg(p)
 
 
+@command("register", "gvsl.registration:run_cli")
+def _add_register(sub) -> None:
+    p = sub.add_parser("register", help="register a moving volume onto a fixed one with a GVSL model "
+                                        "(affine + deformable, exported as LPS transforms)")
+    p.add_argument("--fixed", required=True, help="fixed (reference) volume: NIfTI, NRRD, MHA or DICOM folder")
+    p.add_argument("--moving", required=True, help="moving volume, registered onto the fixed one")
+    p.add_argument("--model", required=True, help="GVSL checkpoint (gvsl pretrain) or the published GVSL weights")
+    p.add_argument("--out", required=True, help="output folder (created): warped.nii.gz, composite.h5, ...")
+    p.add_argument("--fixed-labels", help="label map of the fixed volume (for Dice)")
+    p.add_argument("--moving-labels", help="label map of the moving volume (warped; Dice with --fixed-labels)")
+    _device_arg(p)
+    p.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
+                   help="network precision (default auto: bf16 on CUDA and on CPUs with native bf16)")
+    p.add_argument("--preset", choices=("ct", "mr"), default=None,
+                   help="intensity normalisation (default: the checkpoint's, else guessed: min < -500 -> ct)")
+    p.add_argument("--network-spacing", type=float, default=None, metavar="MM",
+                   help="isotropic spacing of the network grid in mm (default: the checkpoint's, else 1.0)")
+    p.add_argument("--max-network-voxels", type=int, default=160 ** 3, metavar="N",
+                   help="coarsen the network grid beyond N voxels (default 160^3 = 4096000)")
+    p.add_argument("--no-overview", action="store_true", help="do not draw overview.png")
+    _progress_arg(p)
+
+
 def run_info(args) -> int:
     import torch
 
@@ -118,3 +142,63 @@ def run_info(args) -> int:
         info["model"] = dict(model.info, parameters=count_parameters(model))
     print(json.dumps(info, indent=2, default=str))
     return 0
+
+
+@command("pretrain", "gvsl.train:run_cli")
+def _add_pretrain(sub) -> None:
+    p = sub.add_parser(
+        "pretrain", help="pre-train GVSL on unlabelled volumes (Algorithm 1); torchrun-ready",
+        description="Self-supervised GVSL pre-training. Under torchrun (torchrun --nproc_per_node N -m gvsl "
+                    "pretrain ...) it trains with DistributedDataParallel; only rank 0 writes.")
+    p.add_argument("--images", nargs="+", required=True, metavar="PATH",
+                   help="volume files (.nii/.nii.gz/.nrrd/.mha/.mhd), folders of them, or DICOM series folders")
+    p.add_argument("--out", required=True, help="output folder (checkpoints, history, loss curve)")
+    p.add_argument("--preset", choices=("ct", "mr"), default="ct",
+                   help="intensity preset: ct = (HU + 1024) clipped to [0, 2048] / 2048; mr = min-max (default ct)")
+    p.add_argument("--spacing", type=float, default=1.0, help="isotropic resampling spacing in mm (default 1)")
+    p.add_argument("--steps", type=int, default=1000, help="optimisation steps (default 1000)")
+    p.add_argument("--batch-size", type=int, default=2, help="pairs per step and process (default 2)")
+    p.add_argument("--crop", type=int, default=128, help="cubic crop side in voxels (default 128)")
+    p.add_argument("--lr", type=float, default=1e-4, help="Adam learning rate (default 1e-4)")
+    _device_arg(p)
+    p.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
+                   help="autocast precision (auto: bf16/fp16 on CUDA, fp32 on CPU)")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/gvsl_last.pt exactly")
+    p.add_argument("--init", metavar="CKPT", help="start from these weights (ours or the published GVSL weights)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--save-every", type=int, default=500, help="checkpoint every N steps (default 500)")
+    p.add_argument("--cache-dir", help="where preprocessed volumes are cached (default OUT/cache)")
+    p.add_argument("--no-augment", action="store_true", help="disable the spatial/appearance augmentation")
+    _progress_arg(p)
+
+
+@command("demo", "gvsl.demo:run_cli")
+def _add_demo(sub) -> None:
+    from gvsl.demo import DEFAULTS
+    p = sub.add_parser("demo", help="phantoms -> short pre-training -> registration -> pictures (minutes, CPU ok)",
+                       description="Runs the whole GVSL pipeline on built-in synthetic heart phantoms and writes "
+                                   "pictures and a summary into --out.")
+    p.add_argument("--out", default="demo-output", help="output folder (default demo-output)")
+    p.add_argument("--n", type=int, default=DEFAULTS["n"], help=f"phantoms to make (default {DEFAULTS['n']})")
+    p.add_argument("--size", type=int, default=DEFAULTS["size"], help=f"phantom size in voxels (default {DEFAULTS['size']})")
+    p.add_argument("--steps", type=int, default=DEFAULTS["steps"], help=f"pre-training steps (default {DEFAULTS['steps']})")
+    p.add_argument("--crop", type=int, default=DEFAULTS["crop"], help=f"training crop (default {DEFAULTS['crop']})")
+    p.add_argument("--batch-size", type=int, default=DEFAULTS["batch_size"],
+                   help=f"pairs per step (default {DEFAULTS['batch_size']})")
+    p.add_argument("--seed", type=int, default=0)
+    _device_arg(p)
+    _progress_arg(p)
+
+
+@command("phantom", "gvsl.phantoms:run_cli")
+def _add_phantom(sub) -> None:
+    p = sub.add_parser("phantom", help="write synthetic CT heart or MR brain volumes with label maps")
+    p.add_argument("--kind", choices=("heart", "brain"), default="heart",
+                   help="heart: cardiac CT (HU) + 7 MM-WHS labels + coronary tree; "
+                        "brain: T1 MR + 28 FreeSurfer aseg labels (default: heart)")
+    p.add_argument("--n", type=int, default=4, help="number of cases (default: 4)")
+    p.add_argument("--size", type=int, default=96, help="voxels per axis, 32..512 (default: 96)")
+    p.add_argument("--seed", type=int, default=0, help="case i uses seed seed*1000+i (default: 0)")
+    p.add_argument("--out", required=True,
+                   help="output folder: images/, labels/ (and labels-coronary/ for heart), <kind>_<iii>.nii.gz")
+    _progress_arg(p)

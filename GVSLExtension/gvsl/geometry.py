@@ -8,7 +8,7 @@ Conventions (one set, used everywhere in gvsl):
 * An *affine matrix* is (B, 4, 4) acting on **(x, y, z) voxel coordinates measured from the
   volume centre** ``c = (size - 1) / 2``, translation in voxels: output voxel p samples the input
   at ``L (p - c) + c + t``. The network grid is 1 mm isotropic, so rotations are physical
-  rotations and translations are millimetres; :mod:`gvsl.register` turns this into an exact
+  rotations and translations are millimetres; :mod:`gvsl.registration` turns this into an exact
   physical transform.
 * Sampling is trilinear with ``align_corners=True``: voxel centres sit exactly on grid points,
   so a zero displacement is the identity.

@@ -1,0 +1,140 @@
+"""``gvsl demo``: the whole GVSL story on built-in synthetic data, in minutes on a laptop CPU.
+
+1. makes CT-like heart phantoms (``gvsl phantom``);
+2. pre-trains GVSL on all but one of them (``gvsl pretrain``, a short run);
+3. registers the held-out case to a training case with the pre-trained heads, and for
+   comparison with the untrained (random) network (``gvsl register``);
+4. writes pictures (loss curve, registration overview sheets) and ``summary.json`` /
+   ``summary.md``, and prints the summary.
+
+Everything lands in ``--out`` (default ``demo-output``). The numbers are from a few minutes of
+CPU training on phantoms: they show that the pipeline works end to end and that the losses go
+down, not what a day of GPU pre-training on real scans gives.
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from gvsl.checkpoint import atomic_write
+from gvsl.progress import Progress
+
+DEFAULTS = {"n": 6, "size": 64, "steps": 60, "crop": 48, "batch_size": 1}
+
+
+def run_demo(out: str | Path = "demo-output", *, n: int = DEFAULTS["n"], size: int = DEFAULTS["size"],
+             steps: int = DEFAULTS["steps"], crop: int = DEFAULTS["crop"],
+             batch_size: int = DEFAULTS["batch_size"], device: str = "auto", progress: str = "bar",
+             seed: int = 0) -> dict:
+    """Run the demo into ``out``; returns the summary dict (also written as summary.json)."""
+    import SimpleITK as sitk
+
+    from gvsl import phantoms, registration
+    from gvsl.checkpoint import load_model
+    from gvsl.network import GVSL
+    from gvsl.train import PretrainConfig, pretrain
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    report = Progress(4, mode=progress, task="demo")
+    timings = {}
+
+    # 1. data
+    t = time.perf_counter()
+    report.event("stage", message=f"1/4 making {n} heart phantoms of {size}^3 voxels")
+    images = phantoms.write_phantoms("heart", n, size, seed, out / "data", progress=None)
+    images = sorted(images)
+    train_images, held_out = images[:-1], images[-1]
+    timings["phantoms_s"] = round(time.perf_counter() - t, 1)
+    report.update(1)
+
+    # 2. pre-training
+    t = time.perf_counter()
+    report.event("stage", message=f"2/4 pre-training GVSL for {steps} steps on {len(train_images)} volumes "
+                                  f"(crop {crop}, batch {batch_size})")
+    summary_train = pretrain(PretrainConfig(
+        images=[str(p) for p in train_images], out=str(out / "pretrain"), preset="ct", steps=steps,
+        batch_size=batch_size, crop=crop, device=device, seed=seed, save_every=max(steps // 2, 1),
+        progress=progress))
+    timings["pretrain_s"] = round(time.perf_counter() - t, 1)
+    report.update(2)
+
+    # 3. registration: held-out case (moving) onto the first training case (fixed)
+    t = time.perf_counter()
+    report.event("stage", message="3/4 registering a held-out phantom with the pre-trained and the untrained network")
+    fixed_path = train_images[0]
+    labels_dir = out / "data" / "labels"
+    fixed = sitk.ReadImage(str(fixed_path))
+    moving = sitk.ReadImage(str(held_out))
+    fixed_labels = sitk.ReadImage(str(labels_dir / fixed_path.name))
+    moving_labels = sitk.ReadImage(str(labels_dir / held_out.name))
+    trained = load_model(summary_train["checkpoint"])
+    result = registration.register(fixed, moving, trained, device=device, fixed_labels=fixed_labels,
+                               moving_labels=moving_labels)
+    registration.write_outputs(result, out / "register-pretrained", fixed=fixed, moving=moving)
+    import torch
+    torch.manual_seed(seed)
+    untrained = GVSL().eval()
+    untrained.info = {"preprocessing": {"preset": "ct"}}
+    baseline = registration.register(fixed, moving, untrained, device=device, fixed_labels=fixed_labels,
+                                 moving_labels=moving_labels)
+    registration.write_outputs(baseline, out / "register-untrained", fixed=fixed, moving=moving)
+    timings["register_s"] = round(time.perf_counter() - t, 1)
+    report.update(3)
+
+    # 4. summary
+    def pick(metrics):
+        keys = ("ncc_before", "ncc_affine", "ncc_after", "dice_mean_before", "dice_mean_after", "folding_percent")
+        return {k: metrics.get(k) for k in keys if k in metrics}
+
+    summary = {
+        "output": str(out),
+        "pretrain": {k: summary_train.get(k) for k in ("step", "seconds", "device", "precision", "loss_first",
+                                                       "loss_last", "ncc_first", "ncc_last", "mse_first",
+                                                       "mse_last", "smooth_first", "smooth_last", "checkpoint",
+                                                       "loss_curve")},
+        "registration_pretrained": pick(result.metrics),
+        "registration_untrained": pick(baseline.metrics),
+        "pictures": [str(out / "pretrain" / "loss_curve.png"), str(out / "register-pretrained" / "overview.png"),
+                     str(out / "register-untrained" / "overview.png")],
+        "timings": dict(timings, total_s=round(time.perf_counter() - t0, 1)),
+    }
+    atomic_write(out / "summary.json", lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=2, default=str)))
+    atomic_write(out / "summary.md", lambda tmp: Path(tmp).write_text(_markdown(summary)))
+    report.update(4)
+    return summary
+
+
+def _fmt(v) -> str:
+    return "n/a" if v is None else (f"{v:.4f}" if isinstance(v, float) else str(v))
+
+
+def _markdown(s: dict) -> str:
+    p, rp, ru = s["pretrain"], s["registration_pretrained"], s["registration_untrained"]
+    lines = [
+        "# GVSL demo summary", "",
+        f"Pre-training: {p['step']} steps in {p['seconds']} s on {p['device']} ({p['precision']}).",
+        "",
+        "| loss term | first step | last step |", "|---|---|---|",
+    ]
+    for k in ("loss", "ncc", "smooth", "mse"):
+        lines.append(f"| {k} | {_fmt(p.get(k + '_first'))} | {_fmt(p.get(k + '_last'))} |")
+    lines += ["", "Registration of a held-out phantom (moving) to a training phantom (fixed):", "",
+              "| metric | untrained network | pre-trained network |", "|---|---|---|"]
+    for k in ("ncc_before", "ncc_affine", "ncc_after", "dice_mean_before", "dice_mean_after", "folding_percent"):
+        lines.append(f"| {k} | {_fmt(ru.get(k))} | {_fmt(rp.get(k))} |")
+    lines += ["", "Pictures:"] + [f"- {x}" for x in s["pictures"]]
+    lines += ["", f"Total time: {s['timings']['total_s']} s ({json.dumps(s['timings'])})", ""]
+    return "\n".join(lines)
+
+
+def run_cli(args) -> int:
+    summary = run_demo(args.out, n=args.n, size=args.size, steps=args.steps, crop=args.crop,
+                       batch_size=args.batch_size, device=args.device, progress=args.progress, seed=args.seed)
+    if args.progress == "json":
+        print(json.dumps({"event": "summary", **summary}, default=str))
+    else:
+        print(_markdown(summary))
+    return 0

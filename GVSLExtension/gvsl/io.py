@@ -1,0 +1,437 @@
+"""Volume input: find and read 3D scans, preprocessing presets, a preprocessed-volume cache.
+
+Inputs are image files (``.nii``, ``.nii.gz``, ``.nrrd``, ``.nhdr``, ``.mha``, ``.mhd``) or DICOM
+series folders, read with SimpleITK. Geometry stays SimpleITK's: LPS millimetres, arrays from
+``sitk.GetArrayFromImage`` are (z, y, x) = (k, j, i). Nothing here reorients an image.
+
+DICOM: a folder holding one series is that series' volume. A folder holding several series
+yields one path per series, ``<folder>/<SeriesInstanceUID>`` (a *virtual* path: it does not
+exist on disk; :func:`read_volume` reads that series of ``<folder>``).
+
+Non-finite voxels (NaN/Inf) are replaced by the finite minimum of the image with a
+:class:`VolumeWarning` naming the file and the count (an image with no finite voxel is an error).
+
+Preprocessing (:func:`preprocess`): resample to an isotropic grid (default 1 mm, linear
+interpolation, same origin and direction), then map intensities to [0, 1] with a preset:
+
+* ``ct``: HU + 1024, clipped to [0, 2048], divided by 2048 (so -1024 HU -> 0, +1024 HU -> 1).
+* ``mr``: robust min-max: the 0.5th and 99.5th percentiles map to 0 and 1, values outside are
+  clipped. If those percentiles are equal (e.g. mostly-empty images) the full min/max is used;
+  a constant image becomes all zeros.
+
+:class:`VolumeCache` keeps preprocessed arrays in memory and, with a ``cache_dir``, on disk as
+``.npy`` files keyed by (resolved path, mtime, size, preset, spacing, CACHE_VERSION).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import re
+import warnings
+from pathlib import Path
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import SimpleITK as sitk
+
+PathLike = Union[str, os.PathLike]
+
+IMAGE_EXTENSIONS = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
+MIN_SIZE_VOXELS = 4
+CACHE_VERSION = 1
+
+PRESETS: Dict[str, dict] = {
+    "ct": {"name": "ct", "modality": "CT",
+           "description": "HU + 1024, clipped to [0, 2048], divided by 2048",
+           "offset": 1024.0, "clip": [0.0, 2048.0], "scale": 2048.0},
+    "mr": {"name": "mr", "modality": "MR",
+           "description": "0.5th..99.5th percentile -> [0, 1], clipped (full min..max if those are "
+                          "equal; constant images -> 0)",
+           "percentiles": [0.5, 99.5]},
+}
+
+
+class VolumeError(ValueError):
+    """A volume (or set of volumes) that cannot be used, with what is wrong and what to do."""
+
+
+class VolumeWarning(UserWarning):
+    """Something in a volume was repaired (e.g. NaN voxels); the message names the file."""
+
+
+# ---------------------------------------------------------------------------------------
+# Finding volumes
+# ---------------------------------------------------------------------------------------
+def is_image_file(path: PathLike) -> bool:
+    """True for a file name with one of :data:`IMAGE_EXTENSIONS` (case-insensitive)."""
+    return str(path).lower().endswith(IMAGE_EXTENSIONS)
+
+
+def _dicom_series_ids(folder: Path) -> List[str]:
+    try:
+        return list(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder)))
+    except RuntimeError:
+        return []
+
+
+def _dicom_volumes(folder: Path) -> List[Path]:
+    ids = _dicom_series_ids(folder)
+    if len(ids) == 1:
+        return [folder]
+    return [folder / uid for uid in ids]
+
+
+def find_volumes(paths: Iterable[PathLike]) -> List[Path]:
+    """Expand files and folders into a sorted, de-duplicated list of volume paths.
+
+    A file must have an image extension (:data:`IMAGE_EXTENSIONS`). A folder contributes its
+    image files (not recursively), its DICOM series, and the DICOM series of its immediate
+    subfolders (one path per series, see the module docstring). Hidden files are skipped.
+    """
+    if isinstance(paths, (str, os.PathLike)):
+        paths = [paths]
+    paths = [Path(p) for p in paths]
+    found: List[Path] = []
+    for path in paths:
+        if not path.exists():
+            raise VolumeError(f"{path} does not exist; pass image files or folders of them.")
+        if path.is_file():
+            if not is_image_file(path):
+                raise VolumeError(f"{path} is not a supported volume file; expected "
+                                  f"{'/'.join(IMAGE_EXTENSIONS)} files or DICOM series folders.")
+            found.append(path)
+            continue
+        entries = sorted(p for p in path.iterdir() if not p.name.startswith("."))
+        found += [p for p in entries if p.is_file() and is_image_file(p)]
+        found += _dicom_volumes(path)
+        for sub in entries:
+            if sub.is_dir():
+                found += _dicom_volumes(sub)
+    unique = sorted({p.absolute(): None for p in found})
+    if not unique:
+        where = ", ".join(str(p) for p in paths) or "(no paths given)"
+        raise VolumeError(f"no volumes found in {where}: expected .nii/.nii.gz/.nrrd/.mha/.mhd "
+                          "files or DICOM series folders")
+    return unique
+
+
+# ---------------------------------------------------------------------------------------
+# Reading
+# ---------------------------------------------------------------------------------------
+def _sitk_message(exc: Exception) -> str:
+    """The informative first line of a SimpleITK exception (without file/line prefixes)."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    lines = [ln for ln in lines if not ln.startswith("Exception thrown in SimpleITK")] or lines
+    if not lines:
+        return type(exc).__name__
+    msg = re.sub(r"^(sitk|itk)::ERROR:\s*", "", lines[0])
+    msg = re.sub(r"^\w+\(0x[0-9a-fA-F]+\):\s*", "", msg)
+    return msg
+
+
+def _dicom_series_files(path: Path) -> Optional[Tuple[Path, List[str]]]:
+    """(folder, file names) for a DICOM series path (folder or ``folder/<SeriesInstanceUID>``)."""
+    if path.is_dir():
+        ids = _dicom_series_ids(path)
+        if not ids:
+            return None
+        if len(ids) > 1:
+            raise VolumeError(f"folder {path} holds {len(ids)} DICOM series ({', '.join(ids[:4])}"
+                              f"{', ...' if len(ids) > 4 else ''}); pass one as {path}/<SeriesInstanceUID> "
+                              "(find_volumes lists them) or put each series in its own folder.")
+        return path, list(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(path), ids[0]))
+    if not path.exists() and path.parent.is_dir() and path.name in _dicom_series_ids(path.parent):
+        return path.parent, list(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(path.parent), path.name))
+    return None
+
+
+def _replace_non_finite(image: sitk.Image, name: str) -> sitk.Image:
+    array = sitk.GetArrayViewFromImage(image)
+    if array.dtype.kind != "f":
+        return image
+    finite = np.isfinite(array)
+    n_bad = int(finite.size - np.count_nonzero(finite))
+    if n_bad == 0:
+        return image
+    if n_bad == finite.size:
+        raise VolumeError(f"{name}: every voxel is NaN or infinite; the file holds no image data. "
+                          "Export the volume again.")
+    fill = float(array[finite].min())
+    fixed = np.where(finite, array, fill).astype(array.dtype)
+    out = sitk.GetImageFromArray(fixed)
+    out.CopyInformation(image)
+    warnings.warn(f"{name}: replaced {n_bad} NaN/Inf voxel(s) by the image's finite minimum {fill:g}",
+                  VolumeWarning, stacklevel=3)
+    return out
+
+
+def validate_volume(image: sitk.Image, name: str = "volume") -> sitk.Image:
+    """Check that ``image`` is a 3D scalar volume of at least 4 voxels per axis; repair NaN/Inf.
+
+    Returns ``image`` itself, or a repaired copy (never modifies ``image``).
+    """
+    size = tuple(image.GetSize())
+    if image.GetNumberOfComponentsPerPixel() > 1:
+        raise VolumeError(
+            f"{name} has {image.GetNumberOfComponentsPerPixel()} components per voxel "
+            f"(vector/RGB/complex image of size {size}); a scalar 3D volume is needed: pick one "
+            "channel/time point, e.g. with ExtractImageFilter or VectorIndexSelectionCast, before using it.")
+    dim = image.GetDimension()
+    if dim == 2:
+        raise VolumeError(f"{name} is a 2D image of size {size[0]} x {size[1]}; a 3D volume is needed "
+                          "(stack the slices into one volume, e.g. load the whole DICOM series).")
+    if dim == 4:
+        raise VolumeError(f"{name} is a 4D image of size {' x '.join(map(str, size))} (e.g. a time "
+                          "series); pick one channel/time point, e.g. with ExtractImageFilter, before using it.")
+    if dim != 3:
+        raise VolumeError(f"{name} has {dim} dimensions; a 3D volume is needed.")
+    if min(size) < MIN_SIZE_VOXELS:
+        raise VolumeError(f"{name} has size {' x '.join(map(str, size))} voxels; each axis needs at "
+                          f"least {MIN_SIZE_VOXELS} voxels (a single slice or a thin stack is not a 3D volume).")
+    return _replace_non_finite(image, name)
+
+
+def read_volume(path: PathLike) -> sitk.Image:
+    """Read an image file or a DICOM series (folder or ``folder/<SeriesInstanceUID>``).
+
+    Returns a 3D scalar ``sitk.Image`` with its geometry (origin, spacing, direction; LPS mm)
+    and pixel type as stored (NaN/Inf replaced, see the module docstring).
+    Raises :class:`VolumeError` for missing/unreadable files, 2D, 4D, vector/RGB and tiny images.
+    """
+    path = Path(path)
+    name = path.name or str(path)
+    series = _dicom_series_files(path)
+    if series is not None:
+        folder, files = series
+        if not files:
+            raise VolumeError(f"DICOM series {path} has no readable files.")
+        reader = sitk.ImageSeriesReader()
+        reader.SetFileNames(files)
+        try:
+            image = reader.Execute()
+        except RuntimeError as exc:
+            raise VolumeError(f"could not read DICOM series in {folder}: {_sitk_message(exc)}") from None
+        return validate_volume(image, f"DICOM series {path}")
+    if path.is_dir():
+        raise VolumeError(f"folder {path} holds no DICOM series; pass image files "
+                          f"({'/'.join(IMAGE_EXTENSIONS)}) or a DICOM series folder.")
+    if not path.exists():
+        raise VolumeError(f"{path} does not exist.")
+    try:
+        image = sitk.ReadImage(str(path))
+    except RuntimeError as exc:
+        raise VolumeError(f"could not read {name}: {_sitk_message(exc)} (the file is corrupt, truncated "
+                          "or not an image of its extension's format)") from None
+    return validate_volume(image, name)
+
+
+def write_image_atomic(image: sitk.Image, path: PathLike, compress: bool = True) -> Path:
+    """Write ``image`` with SimpleITK to ``path`` via a temporary file and a rename.
+
+    The format follows ``path``'s extension (e.g. ``.nii.gz``, ``.nrrd``).
+    """
+    from gvsl.checkpoint import atomic_write  # the one atomic writer (imported on use: it loads torch)
+
+    path = Path(path)
+    ext = next((e for e in IMAGE_EXTENSIONS if path.name.lower().endswith(e)), path.suffix)
+
+    def write(tmp: str) -> None:
+        named = tmp + ext  # SimpleITK picks the writer from the extension
+        try:
+            sitk.WriteImage(image, named, compress)
+            os.replace(named, tmp)
+        finally:
+            if os.path.exists(named):
+                os.unlink(named)
+
+    return atomic_write(path, write)
+
+
+# ---------------------------------------------------------------------------------------
+# Preprocessing
+# ---------------------------------------------------------------------------------------
+def _check_preset(preset: str) -> dict:
+    if preset not in PRESETS:
+        raise VolumeError(f"unknown intensity preset {preset!r}; choose one of {', '.join(PRESETS)} "
+                          "(ct: HU images; mr: any other modality)")
+    return PRESETS[preset]
+
+
+def normalize_intensity(array: np.ndarray, preset: str) -> np.ndarray:
+    """Map intensities to [0, 1] with ``preset`` (see the module docstring). Returns a new
+    float32 array of the same shape; non-finite inputs become 0."""
+    p = _check_preset(preset)
+    a = np.asarray(array, dtype=np.float32)
+    finite = np.isfinite(a)
+    if not finite.all():
+        a = np.where(finite, a, np.float32(np.nan))
+    if preset == "ct":
+        lo, hi = p["clip"]
+        out = (np.clip(a + np.float32(p["offset"]), lo, hi) / np.float32(p["scale"])).astype(np.float32)
+    else:
+        values = a[finite] if not finite.all() else a
+        if values.size == 0:
+            return np.zeros(a.shape, np.float32)
+        lo, hi = np.percentile(values, p["percentiles"])
+        if not hi > lo:
+            lo, hi = float(values.min()), float(values.max())
+        if not hi > lo:
+            return np.zeros(a.shape, np.float32)
+        out = np.clip((a - np.float32(lo)) / np.float32(hi - lo), 0.0, 1.0).astype(np.float32)
+    if not finite.all():
+        out[~finite] = 0.0
+    return out
+
+
+def resample_isotropic(image: sitk.Image, spacing_mm: float = 1.0,
+                       interpolator: int = sitk.sitkLinear, default_value: Optional[float] = None) -> sitk.Image:
+    """Resample to ``spacing_mm`` on every axis, same origin and direction.
+
+    Output size per axis = ceil(size * spacing / spacing_mm) (the same physical extent, rounded
+    up). Voxels beyond the input's edge get ``default_value`` (default: the image minimum).
+    Output pixel type: float32 for linear/other interpolators, the input's for nearest neighbour.
+    """
+    if not spacing_mm > 0 or not math.isfinite(spacing_mm):
+        raise VolumeError(f"spacing_mm must be a positive number of millimetres, got {spacing_mm}")
+    size = image.GetSize()
+    spacing = image.GetSpacing()
+    new_size = [max(1, int(math.ceil(n * s / spacing_mm - 1e-6))) for n, s in zip(size, spacing)]
+    if default_value is None:
+        default_value = float(sitk.GetArrayViewFromImage(image).min())
+    nearest = interpolator == sitk.sitkNearestNeighbor
+    src = image if nearest else sitk.Cast(image, sitk.sitkFloat32)
+    return sitk.Resample(src, new_size, sitk.Transform(), interpolator, image.GetOrigin(),
+                         [float(spacing_mm)] * 3, image.GetDirection(), float(default_value),
+                         src.GetPixelID())
+
+
+def preprocess(image: sitk.Image, preset: str, spacing_mm: float = 1.0, name: str = "volume") -> sitk.Image:
+    """Resample to isotropic ``spacing_mm`` (linear) and normalise intensities with ``preset``.
+
+    Returns a new float32 image in [0, 1] with the same origin and direction, spacing
+    ``spacing_mm`` on all axes, size ceil(extent / spacing_mm) (see :func:`resample_isotropic`).
+    """
+    _check_preset(preset)
+    if preset == "ct":
+        lo = float(sitk.GetArrayViewFromImage(image).min())
+        if lo >= 0:
+            warnings.warn(f"{name}: minimum intensity {lo:g} does not look like CT in Hounsfield units "
+                          "(air is about -1000 HU, fat about -100 HU); if this is not CT use the 'mr' preset, if it is CT "
+                          "stored without its rescale intercept, convert it to HU first.",
+                          VolumeWarning, stacklevel=2)
+    resampled = resample_isotropic(image, spacing_mm)
+    if min(resampled.GetSize()) < MIN_SIZE_VOXELS:
+        raise VolumeError(f"{name} resampled to {spacing_mm} mm has size {resampled.GetSize()}; each axis "
+                          f"needs at least {MIN_SIZE_VOXELS} voxels: use a smaller spacing_mm.")
+    array = normalize_intensity(sitk.GetArrayViewFromImage(resampled), preset)
+    out = sitk.GetImageFromArray(array)
+    out.CopyInformation(resampled)
+    return out
+
+
+# ---------------------------------------------------------------------------------------
+# Cache
+# ---------------------------------------------------------------------------------------
+def _file_signature(path: Path) -> Tuple[str, int, int]:
+    """(resolved path, mtime_ns, size in bytes); for DICOM series the folder's files combined."""
+    series_folder = None
+    if path.is_dir():
+        series_folder = path
+    elif not path.exists() and path.parent.is_dir():
+        series_folder = path.parent
+    if series_folder is not None:
+        mtime, size = 0, 0
+        for entry in os.scandir(series_folder):
+            if entry.is_file():
+                st = entry.stat()
+                mtime, size = max(mtime, st.st_mtime_ns), size + st.st_size
+        return str(series_folder.resolve() / (path.name if path != series_folder else "")), mtime, size
+    if not path.exists():
+        raise VolumeError(f"{path} does not exist.")
+    st = path.stat()
+    return str(path.resolve()), st.st_mtime_ns, st.st_size
+
+
+class VolumeCache:
+    """Preprocessed volumes by path: in memory, and on disk under ``cache_dir`` when given.
+
+    ``get(path)`` returns the float32 (z, y, x) array of ``preprocess(read_volume(path), preset,
+    spacing_mm)``. The key hashes (resolved path, mtime, size, preset, spacing_mm,
+    CACHE_VERSION), so an edited file is preprocessed again. Disk entries are
+    ``<cache_dir>/<key>.npy`` written atomically; an unreadable entry is rebuilt.
+    Returned arrays are shared with the cache: do not modify them in place (copy or crop first).
+    """
+
+    def __init__(self, cache_dir: Optional[PathLike], preset: str, spacing_mm: float = 1.0):
+        _check_preset(preset)
+        self.cache_dir = Path(cache_dir) if cache_dir is not None else None
+        self.preset = preset
+        self.spacing_mm = float(spacing_mm)
+        self._memory: Dict[str, np.ndarray] = {}
+
+    def key(self, path: PathLike) -> str:
+        resolved, mtime, size = _file_signature(Path(path))
+        blob = json.dumps([resolved, mtime, size, self.preset, self.spacing_mm, CACHE_VERSION])
+        return hashlib.sha256(blob.encode()).hexdigest()[:32]
+
+    def get(self, path: PathLike) -> np.ndarray:
+        key = self.key(path)
+        array = self._memory.get(key)
+        if array is not None:
+            return array
+        disk = self.cache_dir / f"{key}.npy" if self.cache_dir is not None else None
+        if disk is not None and disk.is_file():
+            try:
+                array = np.load(disk, allow_pickle=False)
+                if array.dtype != np.float32 or array.ndim != 3:
+                    raise ValueError(f"unexpected {array.dtype} array of shape {array.shape}")
+            except (OSError, ValueError) as exc:
+                warnings.warn(f"cache entry {disk} for {path} is unreadable ({exc}); rebuilding it",
+                              VolumeWarning, stacklevel=2)
+                array = None
+        if array is None:
+            image = preprocess(read_volume(path), self.preset, self.spacing_mm, name=Path(path).name)
+            array = np.ascontiguousarray(sitk.GetArrayFromImage(image), dtype=np.float32)
+            if disk is not None:
+                from gvsl.checkpoint import atomic_write
+
+                def write(tmp: str, a=array) -> None:
+                    with open(tmp, "wb") as f:
+                        np.save(f, a)
+                atomic_write(disk, write)
+        self._memory[key] = array
+        return array
+
+    def __len__(self) -> int:
+        return len(self._memory)
+
+    def clear_memory(self) -> None:
+        self._memory.clear()
+
+
+def load_volumes(paths: Sequence[PathLike], preset: str, spacing_mm: float = 1.0,
+                 cache_dir: Optional[PathLike] = None, progress=None) -> Tuple[List[np.ndarray], List[Path]]:
+    """Find (:func:`find_volumes`) and load every volume preprocessed, through a :class:`VolumeCache`.
+
+    Returns (arrays float32 (z, y, x) in [0, 1] on a ``spacing_mm`` grid, their paths).
+    ``progress``: a :class:`gvsl.progress.Progress` (its ``total`` is set to the number of
+    volumes; ``update(i, volume=name)`` after each) or None.
+    Raises :class:`VolumeError` when fewer than two volumes are found (pairs of different scans
+    are needed) or when one cannot be read.
+    """
+    _check_preset(preset)
+    files = find_volumes(paths)
+    if len(files) < 2:
+        raise VolumeError(f"need at least two volumes to make pairs of different scans; found "
+                          f"{len(files)}: {', '.join(str(f) for f in files)}. Add more scans.")
+    cache = VolumeCache(cache_dir, preset, spacing_mm)
+    if progress is not None:
+        progress.total = len(files)
+    arrays = []
+    for i, f in enumerate(files, start=1):
+        arrays.append(cache.get(f))
+        if progress is not None:
+            progress.update(i, volume=f.name)
+    return arrays, files
