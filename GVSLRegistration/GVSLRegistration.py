@@ -229,7 +229,7 @@ class GVSLRegistrationTest(ScriptedLoadableModuleTest):
             self.delayDisplay("Registering")
             outputs = GVSLRegistrationLogic().run(fixed, moving, path, "auto")
             reference = gvsl.registration.register(gvsl_mrml.volume_node_to_sitk(fixed),
-                                               gvsl_mrml.volume_node_to_sitk(moving), load_model(path), "auto")
+                                                   gvsl_mrml.volume_node_to_sitk(moving), load_model(path), "auto")
         for name in ("warped_volume", "warped_affine_volume", "affine_transform", "deformable_transform",
                      "jacobian_volume"):
             node = getattr(outputs, name)

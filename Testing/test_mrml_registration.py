@@ -166,7 +166,7 @@ def test_register_volumes_end_to_end(scene, inputs, checkpoints):
     # the engine on the same images, same model: transforms and images must agree
     model = load_model(checkpoints["pretrain"], "cpu")
     ref = gvsl.registration.register(ins["fixed"], ins["moving"], model, "cpu",
-                                 moving_labels=ins["moving_labels"])
+                                     moving_labels=ins["moving_labels"])
     np.testing.assert_allclose(slicer.util.arrayFromVolume(out.warped_volume), sitk.GetArrayFromImage(ref.warped),
                                atol=1e-4)
     np.testing.assert_allclose(slicer.util.arrayFromVolume(out.warped_affine_volume),

@@ -86,15 +86,23 @@ def run_demo(out: str | Path = "demo-output", *, n: int = DEFAULTS["n"], size: i
 
     # 4. summary
     def pick(metrics):
-        keys = ("ncc_before", "ncc_affine", "ncc_after", "dice_mean_before", "dice_mean_after", "folding_percent")
-        return {k: metrics.get(k) for k in keys if k in metrics}
+        out = {k: metrics.get(k) for k in ("ncc_before", "ncc_affine", "ncc_after", "folding_percent")}
+        for when in ("before", "affine", "after"):
+            dice = metrics.get(f"dice_{when}")
+            if isinstance(dice, dict):
+                out[f"dice_mean_{when}"] = dice.get("mean")
+        return out
 
+    history = json.loads(Path(summary_train["history"]).read_text())
+    window = max(1, min(10, len(history["loss"]) // 3))
+    losses = {f"{k}_{part}": float(sum(vals) / len(vals))
+              for k in ("loss", "ncc", "smooth", "mse")
+              for part, vals in (("first", history[k][:window]), ("last", history[k][-window:]))}
     summary = {
         "output": str(out),
-        "pretrain": {k: summary_train.get(k) for k in ("step", "seconds", "device", "precision", "loss_first",
-                                                       "loss_last", "ncc_first", "ncc_last", "mse_first",
-                                                       "mse_last", "smooth_first", "smooth_last", "checkpoint",
-                                                       "loss_curve")},
+        "pretrain": dict({k: summary_train.get(k) for k in ("step", "seconds", "device", "precision",
+                                                            "checkpoint", "loss_curve")},
+                         loss_window=window, **losses),
         "registration_pretrained": pick(result.metrics),
         "registration_untrained": pick(baseline.metrics),
         "pictures": [str(out / "pretrain" / "loss_curve.png"), str(out / "register-pretrained" / "overview.png"),
@@ -117,13 +125,15 @@ def _markdown(s: dict) -> str:
         "# GVSL demo summary", "",
         f"Pre-training: {p['step']} steps in {p['seconds']} s on {p['device']} ({p['precision']}).",
         "",
-        "| loss term | first step | last step |", "|---|---|---|",
+        f"| loss term | mean of the first {p['loss_window']} steps | mean of the last {p['loss_window']} steps |",
+        "|---|---|---|",
     ]
     for k in ("loss", "ncc", "smooth", "mse"):
         lines.append(f"| {k} | {_fmt(p.get(k + '_first'))} | {_fmt(p.get(k + '_last'))} |")
     lines += ["", "Registration of a held-out phantom (moving) to a training phantom (fixed):", "",
               "| metric | untrained network | pre-trained network |", "|---|---|---|"]
-    for k in ("ncc_before", "ncc_affine", "ncc_after", "dice_mean_before", "dice_mean_after", "folding_percent"):
+    for k in ("ncc_before", "ncc_affine", "ncc_after", "dice_mean_before", "dice_mean_affine", "dice_mean_after",
+              "folding_percent"):
         lines.append(f"| {k} | {_fmt(ru.get(k))} | {_fmt(rp.get(k))} |")
     lines += ["", "Pictures:"] + [f"- {x}" for x in s["pictures"]]
     lines += ["", f"Total time: {s['timings']['total_s']} s ({json.dumps(s['timings'])})", ""]

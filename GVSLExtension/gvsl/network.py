@@ -24,6 +24,11 @@ DEFAULT_CHANNELS = (32, 64, 128, 256, 512, 256, 128, 64, 32)
 PAD_MULTIPLE = 16  # four 2x max-pools
 
 
+def _full_precision(x: torch.Tensor):
+    """Context that disables autocast on ``x``'s device."""
+    return torch.autocast(device_type=x.device.type, enabled=False)
+
+
 @dataclass
 class ModelConfig:
     """Everything needed to rebuild a :class:`GVSL` network (saved in checkpoints)."""
@@ -158,6 +163,14 @@ class GVSL(nn.Module):
         self.fc_scl = nn.Linear(256, 3)
         self.fc_trans = nn.Linear(256, 3)
         self.fc_shear = nn.Linear(256, 6)
+        # Start near the identity transform (as spatial-transformer and VoxelMorph nets do): small
+        # head weights, zero biases. The published model never trained its affine head (no
+        # gradient reached it), so nothing is lost for its weights, which overwrite these.
+        for fc in (self.fc_rot, self.fc_scl, self.fc_trans, self.fc_shear):
+            nn.init.normal_(fc.weight, std=1e-3)
+            nn.init.zeros_(fc.bias)
+        nn.init.normal_(self.out_flow.weight, std=1e-5)
+        nn.init.zeros_(self.out_flow.bias)
 
     # -- backbone -------------------------------------------------------------------------
     def encode(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -168,18 +181,24 @@ class GVSL(nn.Module):
     def affine_parameters(self, g_moving: torch.Tensor, g_fixed: torch.Tensor) -> dict:
         """Global features of moving and fixed -> bounded affine parameters, each (B, n).
 
-        rotation (rad, about x, y, z) in [-pi/9, pi/9]; scale in [0.75, 1.25];
-        translation (voxels along x, y, z), unbounded; shear (rad) in [-pi/18, pi/18],
+        rotation (rad, about x, y, z) in (-pi/9, pi/9); scale in (0.75, 1.25);
+        translation (voxels along x, y, z), unbounded; shear (rad) in (-pi/18, pi/18),
         ordered (xy, xz, yx, yz, zx, zy).
+
+        The paper bounds the outputs with clamp(-1, 1); we use tanh, which has the same bounds
+        and the same slope at 0 but never a zero gradient: with clamp, a head pushed past a
+        bound once (Adam overshoots easily) stays stuck there for the rest of training, which
+        we saw within 60 CPU steps (scale pinned at 0.75).
         """
         h = self.f_conv(torch.cat([g_moving, g_fixed], dim=1))
-        h = h.float().mean(dim=(2, 3, 4))
-        return {
-            "rotation": torch.clamp(self.fc_rot(h), -1, 1) * (math.pi / 9),
-            "scale": 1 + torch.clamp(self.fc_scl(h), -1, 1) * 0.25,
-            "translation": self.fc_trans(h),
-            "shear": torch.clamp(self.fc_shear(h), -1, 1) * (math.pi / 18),
-        }
+        with _full_precision(h):  # the 15 numbers that move every voxel: fp32 even under autocast
+            h = h.float().mean(dim=(2, 3, 4))
+            return {
+                "rotation": torch.tanh(self.fc_rot(h)) * (math.pi / 9),
+                "scale": 1 + torch.tanh(self.fc_scl(h)) * 0.25,
+                "translation": self.fc_trans(h),
+                "shear": torch.tanh(self.fc_shear(h)) * (math.pi / 18),
+            }
 
     def affine(self, g_moving: torch.Tensor, g_fixed: torch.Tensor) -> torch.Tensor:
         """Affine head: (B, 4, 4) voxel matrix mapping fixed voxel positions to moving ones."""
@@ -187,8 +206,13 @@ class GVSL(nn.Module):
         return geometry.affine_matrix(p["rotation"], p["scale"], p["translation"], p["shear"])
 
     def deformable(self, l_moving_affine: torch.Tensor, l_fixed: torch.Tensor) -> torch.Tensor:
-        """Deformable head: affine-warped moving and fixed local features -> (B, 3, D, H, W) voxels."""
-        return self.out_flow(self.sp_conv(torch.cat([l_moving_affine, l_fixed], dim=1)))
+        """Deformable head: affine-warped moving and fixed local features -> (B, 3, D, H, W) voxels.
+
+        The last 16 -> 3 convolution runs in fp32 even under autocast (cheap; keeps the flow's
+        digits)."""
+        h = self.sp_conv(torch.cat([l_moving_affine, l_fixed], dim=1))
+        with _full_precision(h):
+            return self.out_flow(h.float())
 
     def restore(self, l_features: torch.Tensor) -> torch.Tensor:
         """Restoration head: (B, 32, D, H, W) -> (B, 1, D, H, W)."""

@@ -19,7 +19,8 @@ Each case is built in two steps:
 
 Geometry of the returned images: direction identity, spacing ``(1, 1, sz)`` mm with
 ``sz`` = 1.0 or 1.2 (chosen per case, to exercise resampling), ``size`` voxels per axis, a
-random origin (table position). Everything is deterministic per ``seed``
+volume centre within 2 mm of the physical origin (cases overlap physically, as scans of one
+protocol do; registration starts from that physical alignment). Everything is deterministic per ``seed``
 (``numpy.random.default_rng(seed)``).
 
 * :func:`make_heart_phantom` -> CT image (int16 HU), heart label map (uint16, exactly the
@@ -208,7 +209,9 @@ class _Pose:
         self.scale = float(rng.uniform(0.9, 1.1))
         self.linear = _rotation(angles) / self.scale  # output mm -> canonical mm
         self.translation = rng.uniform(-4.0, 4.0, 3) * s
-        self.origin = np.array([rng.uniform(-150, 150), rng.uniform(-150, 150), rng.uniform(-400, 100)])
+        # physical centre of the volume: within 2 mm of (0, 0, 0), so that cases overlap physically
+        # (registration starts from physical alignment, as with scans of one scanner/protocol)
+        self.origin = np.array([rng.uniform(-2, 2), rng.uniform(-2, 2), rng.uniform(-2, 2)])
         self.shape_zyx = (size, size, size)
         self.deform = _smooth_field(rng, self.shape_zyx, 4, deform_std_mm, 3)  # (x,y,z) comps
 

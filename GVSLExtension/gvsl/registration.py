@@ -426,7 +426,7 @@ def register(fixed: sitk.Image, moving: sitk.Image, model, device="auto", *,
 
     ``result.metrics``: ncc_before / ncc_affine / ncc_after (global Pearson NCC on the fixed grid
     within the overlap with the moving image), folding_percent (det <= 0), jacobian_min,
-    jacobian_max, dice_before / dice_after (per label and "mean", when both label maps are given),
+    jacobian_max, dice_before / dice_affine / dice_after (per label and "mean", when both label maps are given),
     max_displacement_mm, timings_s, device, precision, network_grid_size (x, y, z),
     network_spacing_mm, preset, affine_matrix_lps / affine_translation_lps_mm / affine_center_lps_mm,
     warnings (list of str).
@@ -559,6 +559,9 @@ def register(fixed: sitk.Image, moving: sitk.Image, model, device="auto", *,
                                moving_labels.GetPixelID())
         fl_arr = sitk.GetArrayViewFromImage(fl)
         metrics["dice_before"] = dice_per_label(fl_arr, sitk.GetArrayViewFromImage(before))
+        affine_labels = sitk.Resample(moving_labels, fixed, affine, sitk.sitkNearestNeighbor, 0,
+                                      moving_labels.GetPixelID())
+        metrics["dice_affine"] = dice_per_label(fl_arr, sitk.GetArrayViewFromImage(affine_labels))
         metrics["dice_after"] = dice_per_label(fl_arr, sitk.GetArrayViewFromImage(warped_labels))
     timings["metrics"] = time.perf_counter() - t0
     timings["total"] = time.perf_counter() - t_start
@@ -652,7 +655,8 @@ def summary(metrics: dict) -> str:
              f"-> after {_fmt(metrics.get('ncc_after'))}; folding {_fmt(metrics.get('folding_percent'), '{:.2f}')}% "
              f"(Jacobian {_fmt(metrics.get('jacobian_min'), '{:.2f}')}..{_fmt(metrics.get('jacobian_max'), '{:.2f}')})"]
     if "dice_after" in metrics:
-        lines.append(f"Dice mean before {_fmt(metrics['dice_before'].get('mean'))} -> after "
+        lines.append(f"Dice mean before {_fmt(metrics['dice_before'].get('mean'))} -> affine "
+                     f"{_fmt(metrics['dice_affine'].get('mean'))} -> after "
                      f"{_fmt(metrics['dice_after'].get('mean'))}")
     t = metrics.get("timings_s", {})
     lines.append(f"{t.get('total', 0):.1f} s on {metrics.get('device')} ({metrics.get('precision')}), network grid "

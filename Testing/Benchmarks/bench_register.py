@@ -44,9 +44,9 @@ def _centre(image: sitk.Image) -> np.ndarray:
 
 
 def phantom_pair(size_xyz: tuple):
-    """Two heart phantoms (fixed seed 11, moving seed 12) cropped to ``size_xyz`` voxels. The
-    phantoms have random table positions, so the moving one is shifted to share the fixed image
-    centre (what SimpleITK's CenteredTransformInitializer does; gvsl starts from physical space)."""
+    """Two heart phantoms (fixed seed 11, moving seed 12) cropped to ``size_xyz`` voxels; the
+    moving one is shifted to share the fixed image centre exactly (what SimpleITK's
+    CenteredTransformInitializer does; gvsl starts from physical space)."""
     n = max(size_xyz)
     out = []
     for seed in (11, 12):
