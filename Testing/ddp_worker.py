@@ -22,6 +22,6 @@ for name, tensor in trainer.model.state_dict().items():
     digest.update(name.encode())
     digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
 record = {"rank": dist.get_rank(), "world_size": dist.get_world_size(), "backend": dist.get_backend(),
-          "sha256": digest.hexdigest(), "step": trainer.step}
+          "sha256": digest.hexdigest(), "step": trainer.step, "losses": trainer.history["loss"]}
 (out / f"rank{dist.get_rank()}.json").write_text(json.dumps(record))
 dist.destroy_process_group()

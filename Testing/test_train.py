@@ -161,6 +161,7 @@ def test_torchrun_gloo_two_ranks_hold_identical_weights(tmp_path, heart_files):
     assert r0["world_size"] == r1["world_size"] == 2 and r0["backend"] == "gloo"
     assert r0["step"] == r1["step"] == 2
     assert r0["sha256"] == r1["sha256"]
+    assert r0["losses"] == r1["losses"]  # logged losses are the mean over ranks, the same everywhere
     # only rank 0 writes checkpoints, and the checkpoint records both ranks' data streams
     from gvsl.checkpoint import load_checkpoint
     ckpt = load_checkpoint(out / "gvsl_final.pt")

@@ -287,6 +287,14 @@ class Pretrainer:
         self.scaler.update()
         return {"loss": loss.item(), "ncc": l_ncc.item(), "smooth": l_smooth.item(), "mse": l_mse.item()}
 
+    def _mean_over_ranks(self, terms: dict) -> dict:
+        """Under DDP, the loss terms averaged over all ranks (what the step optimised)."""
+        if not self.dist.enabled:
+            return terms
+        values = torch.tensor([terms[k] for k in LOSS_TERMS], dtype=torch.float64, device=self.device)
+        dist.all_reduce(values, op=dist.ReduceOp.SUM)
+        return {k: float(v) / self.dist.world_size for k, v in zip(LOSS_TERMS, values.tolist())}
+
     def _stop_requested(self) -> bool:
         flag = torch.tensor([1.0 if self.cancel.cancelled else 0.0])
         if self.dist.enabled:
@@ -309,7 +317,7 @@ class Pretrainer:
             if self._stop_requested():
                 status = "cancelled"
                 break
-            terms = self.train_step()
+            terms = self._mean_over_ranks(self.train_step())
             self.step += 1
             self.history["step"].append(self.step)
             for k in LOSS_TERMS:
