@@ -15,6 +15,7 @@ import argparse
 import json
 import resource
 import statistics
+import tempfile
 import time
 
 import numpy as np
@@ -48,7 +49,7 @@ def synthetic_volumes(n: int, size: int, seed: int = 0):
 
 def bench_size(size: int, batch: int, device_name: str, repeats: int, precision: str) -> dict:
     rss0 = _rss_gib()
-    cfg = PretrainConfig(images=[], out="/tmp/gvsl-bench-pretrain", steps=10**6, batch_size=batch, crop=size,
+    cfg = PretrainConfig(images=[], out=tempfile.mkdtemp(prefix="gvsl-bench-"), steps=10**6, batch_size=batch, crop=size,
                          device=device_name, precision=precision, save_every=0, progress="none")
     trainer = Pretrainer(cfg, volumes=synthetic_volumes(4, size))
     device = trainer.device
