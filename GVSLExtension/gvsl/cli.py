@@ -185,6 +185,7 @@ def _add_demo(sub) -> None:
     p.add_argument("--crop", type=int, default=DEFAULTS["crop"], help=f"training crop (default {DEFAULTS['crop']})")
     p.add_argument("--batch-size", type=int, default=DEFAULTS["batch_size"],
                    help=f"pairs per step (default {DEFAULTS['batch_size']})")
+    p.add_argument("--lr", type=float, default=DEFAULTS["lr"], help=f"Adam learning rate (default {DEFAULTS['lr']})")
     p.add_argument("--seed", type=int, default=0)
     _device_arg(p)
     _progress_arg(p)

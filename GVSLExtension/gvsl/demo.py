@@ -20,12 +20,13 @@ from pathlib import Path
 from gvsl.checkpoint import atomic_write
 from gvsl.progress import Progress
 
-DEFAULTS = {"n": 6, "size": 64, "steps": 60, "crop": 48, "batch_size": 1}
+DEFAULTS = {"n": 6, "size": 64, "steps": 60, "crop": 48, "batch_size": 1, "lr": 1e-4}
 
 
 def run_demo(out: str | Path = "demo-output", *, n: int = DEFAULTS["n"], size: int = DEFAULTS["size"],
              steps: int = DEFAULTS["steps"], crop: int = DEFAULTS["crop"],
-             batch_size: int = DEFAULTS["batch_size"], device: str = "auto", progress: str = "bar",
+             batch_size: int = DEFAULTS["batch_size"], lr: float = DEFAULTS["lr"], device: str = "auto",
+             progress: str = "bar",
              seed: int = 0) -> dict:
     """Run the demo into ``out``; returns the summary dict (also written as summary.json)."""
     import SimpleITK as sitk
@@ -56,7 +57,7 @@ def run_demo(out: str | Path = "demo-output", *, n: int = DEFAULTS["n"], size: i
                                   f"(crop {crop}, batch {batch_size})")
     summary_train = pretrain(PretrainConfig(
         images=[str(p) for p in train_images], out=str(out / "pretrain"), preset="ct", steps=steps,
-        batch_size=batch_size, crop=crop, device=device, seed=seed, save_every=max(steps // 2, 1),
+        batch_size=batch_size, crop=crop, lr=lr, device=device, seed=seed, save_every=max(steps // 2, 1),
         progress=progress))
     timings["pretrain_s"] = round(time.perf_counter() - t, 1)
     report.update(2)
@@ -102,7 +103,7 @@ def run_demo(out: str | Path = "demo-output", *, n: int = DEFAULTS["n"], size: i
         "output": str(out),
         "pretrain": dict({k: summary_train.get(k) for k in ("step", "seconds", "device", "precision",
                                                             "checkpoint", "loss_curve")},
-                         loss_window=window, **losses),
+                         loss_window=window, batch_size=batch_size, crop=crop, lr=lr, **losses),
         "registration_pretrained": pick(result.metrics),
         "registration_untrained": pick(baseline.metrics),
         "pictures": [str(out / "pretrain" / "loss_curve.png"), str(out / "register-pretrained" / "overview.png"),
@@ -123,7 +124,8 @@ def _markdown(s: dict) -> str:
     p, rp, ru = s["pretrain"], s["registration_pretrained"], s["registration_untrained"]
     lines = [
         "# GVSL demo summary", "",
-        f"Pre-training: {p['step']} steps in {p['seconds']} s on {p['device']} ({p['precision']}).",
+        f"Pre-training: {p['step']} steps (batch {p['batch_size']}, {p['crop']}^3 crops, Adam lr {p['lr']:g}) "
+        f"in {p['seconds']} s on {p['device']} ({p['precision']}).",
         "",
         f"| loss term | mean of the first {p['loss_window']} steps | mean of the last {p['loss_window']} steps |",
         "|---|---|---|",
@@ -142,7 +144,8 @@ def _markdown(s: dict) -> str:
 
 def run_cli(args) -> int:
     summary = run_demo(args.out, n=args.n, size=args.size, steps=args.steps, crop=args.crop,
-                       batch_size=args.batch_size, device=args.device, progress=args.progress, seed=args.seed)
+                       batch_size=args.batch_size, lr=args.lr, device=args.device, progress=args.progress,
+                       seed=args.seed)
     if args.progress == "json":
         print(json.dumps({"event": "summary", **summary}, default=str))
     else:
