@@ -70,10 +70,16 @@ def is_image_file(path: PathLike) -> bool:
 
 
 def _dicom_series_ids(folder: Path) -> List[str]:
+    """Series instance UIDs in ``folder``; GDCM's "No Series were found" warning (printed for
+    every folder without DICOM files) is silenced."""
+    shown = sitk.ProcessObject.GetGlobalWarningDisplay()
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)
     try:
         return list(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder)))
     except RuntimeError:
         return []
+    finally:
+        sitk.ProcessObject.SetGlobalWarningDisplay(shown)
 
 
 def _dicom_volumes(folder: Path) -> List[Path]:
