@@ -1,5 +1,4 @@
 """Shared test setup: import paths for the core and the Slicer-side packages, small helpers."""
-import os
 import sys
 from pathlib import Path
 

@@ -5,7 +5,6 @@ import json
 import sys
 from pathlib import Path
 
-import torch
 import torch.distributed as dist
 
 from gvsl.train import PretrainConfig, Pretrainer

@@ -42,11 +42,24 @@ def _umask() -> int:
     return mask
 
 
+def _extension(path: Path) -> str:
+    """The file-type extension of ``path``: ``.nii.gz`` for compressed files, else the last suffix."""
+    suffixes = path.suffixes
+    if len(suffixes) >= 2 and suffixes[-1].lower() == ".gz":
+        return "".join(suffixes[-2:])
+    return suffixes[-1] if suffixes else ""
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
-    """Call ``write(tmp_path)`` then rename the temp file over ``path`` (same folder, atomic)."""
+    """Call ``write(tmp_path)`` then rename the temp file over ``path`` (same folder, atomic).
+
+    The temp file ends with ``path``'s extension (``.nii.gz``, ``.h5``, ``.png``...), so writers
+    that choose the format from the file name (SimpleITK, matplotlib) can write to it directly.
+    On any error the temp file is removed and ``path`` keeps its previous content.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=_extension(path), dir=path.parent)
     os.close(fd)
     try:
         write(tmp)
@@ -57,6 +70,11 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
             os.unlink(tmp)
         raise
     return path
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    """Write ``text`` (UTF-8) to ``path`` atomically."""
+    return atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
 
 def save_checkpoint(path: str | os.PathLike, model: GVSL, *, step: int = 0, kind: str = KIND_PRETRAIN,

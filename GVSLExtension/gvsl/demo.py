@@ -17,7 +17,7 @@ import json
 import time
 from pathlib import Path
 
-from gvsl.checkpoint import atomic_write
+from gvsl.checkpoint import atomic_write_text
 from gvsl.progress import Progress
 
 DEFAULTS = {"n": 6, "size": 64, "steps": 60, "crop": 48, "batch_size": 1, "lr": 1e-4}
@@ -110,8 +110,8 @@ def run_demo(out: str | Path = "demo-output", *, n: int = DEFAULTS["n"], size: i
                      str(out / "register-untrained" / "overview.png")],
         "timings": dict(timings, total_s=round(time.perf_counter() - t0, 1)),
     }
-    atomic_write(out / "summary.json", lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=2, default=str)))
-    atomic_write(out / "summary.md", lambda tmp: Path(tmp).write_text(_markdown(summary)))
+    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2, default=str))
+    atomic_write_text(out / "summary.md", _markdown(summary))
     report.update(4)
     return summary
 

@@ -236,23 +236,14 @@ def read_volume(path: PathLike) -> sitk.Image:
 def write_image_atomic(image: sitk.Image, path: PathLike, compress: bool = True) -> Path:
     """Write ``image`` with SimpleITK to ``path`` via a temporary file and a rename.
 
-    The format follows ``path``'s extension (e.g. ``.nii.gz``, ``.nrrd``).
+    The format follows ``path``'s extension (e.g. ``.nii.gz``, ``.nrrd``, ``.mha``); formats
+    that write a second data file (``.mhd``, ``.nhdr``) are refused, a rename cannot move both.
     """
+    if str(path).lower().endswith((".mhd", ".nhdr")):
+        raise VolumeError(f"{path}: write .mha or .nrrd instead of a header + data file pair")
     from gvsl.checkpoint import atomic_write  # the one atomic writer (imported on use: it loads torch)
 
-    path = Path(path)
-    ext = next((e for e in IMAGE_EXTENSIONS if path.name.lower().endswith(e)), path.suffix)
-
-    def write(tmp: str) -> None:
-        named = tmp + ext  # SimpleITK picks the writer from the extension
-        try:
-            sitk.WriteImage(image, named, compress)
-            os.replace(named, tmp)
-        finally:
-            if os.path.exists(named):
-                os.unlink(named)
-
-    return atomic_write(path, write)
+    return atomic_write(path, lambda tmp: sitk.WriteImage(image, tmp, compress))
 
 
 # ---------------------------------------------------------------------------------------

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -588,17 +587,7 @@ def register(fixed: sitk.Image, moving: sitk.Image, model, device="auto", *,
 def write_transform(transform: sitk.Transform, path) -> Path:
     """Write a transform atomically (.tfm, .txt or .h5: SimpleITK picks the format by extension)."""
     from gvsl.checkpoint import atomic_write
-    path = Path(path)
-
-    def write(tmp: str) -> None:
-        named = tmp + path.suffix
-        try:
-            sitk.WriteTransform(transform, named)
-            os.replace(named, tmp)
-        finally:
-            if os.path.exists(named):
-                os.unlink(named)
-    return atomic_write(path, write)
+    return atomic_write(path, lambda tmp: sitk.WriteTransform(transform, tmp))
 
 
 def _json_safe(value):
@@ -639,9 +628,8 @@ def write_outputs(result: RegistrationResult, out_dir, fixed: Optional[sitk.Imag
     if overview and fixed is not None and moving is not None:
         from gvsl.pictures import registration_overview
         files["overview"] = registration_overview(fixed, moving, result, out / "overview.png")
-    from gvsl.checkpoint import atomic_write
-    text = json.dumps(_json_safe(result.metrics), indent=2)
-    files["metrics"] = atomic_write(out / "metrics.json", lambda tmp: Path(tmp).write_text(text))
+    from gvsl.checkpoint import atomic_write_text
+    files["metrics"] = atomic_write_text(out / "metrics.json", json.dumps(_json_safe(result.metrics), indent=2))
     return files
 
 

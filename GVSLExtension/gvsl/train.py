@@ -306,8 +306,7 @@ class Pretrainer:
         cfg = self.config
         if self.dist.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
-            checkpoint.atomic_write(self.out / "config.json",
-                                    lambda tmp: Path(tmp).write_text(json.dumps(cfg.to_dict(), indent=2)))
+            checkpoint.atomic_write_text(self.out / "config.json", json.dumps(cfg.to_dict(), indent=2))
         self.progress.event("start", device=describe(self.device), precision=self.precision.name,
                             world_size=self.dist.world_size, step=self.step, steps=cfg.steps,
                             n_volumes=len(self.volumes))
@@ -341,8 +340,7 @@ class Pretrainer:
         return summary
 
     def _write_reports(self) -> dict:
-        checkpoint.atomic_write(self.out / "history.json",
-                                lambda tmp: Path(tmp).write_text(json.dumps(self.history)))
+        checkpoint.atomic_write_text(self.out / "history.json", json.dumps(self.history))
         out = {"history": str(self.out / "history.json")}
         if self.history["step"]:
             from gvsl import pictures

@@ -23,7 +23,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from gvsl import augment
-from gvsl.device import describe, select_device
+from gvsl.device import describe
 from gvsl.train import PretrainConfig, Pretrainer
 
 
