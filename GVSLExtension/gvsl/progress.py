@@ -40,7 +40,16 @@ class CancelToken:
             raise Cancelled(self.reason)
 
 
-def _json_safe(value):
+def json_safe(value):
+    """``value`` made JSON-ready: nested dicts/lists/tuples, NumPy/torch scalars as Python
+    numbers, NaN/Inf as None (JSON has no NaN). Used by every JSON writer of gvsl."""
+    if isinstance(value, dict):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    if not isinstance(value, (str, bytes, int, float, bool)) and hasattr(value, "item") \
+            and getattr(value, "ndim", 0) == 0:
+        value = value.item()
     if isinstance(value, float) and not math.isfinite(value):
         return None
     return value
@@ -72,7 +81,7 @@ class Progress:
         if self.callback is not None:
             self.callback(record)
         if self.mode == "json":
-            self.stream.write(json.dumps({k: _json_safe(v) for k, v in record.items()}) + "\n")
+            self.stream.write(json.dumps(json_safe(record)) + "\n")
             self.stream.flush()
 
     def event(self, event: str, **fields) -> None:

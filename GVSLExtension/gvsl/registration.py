@@ -544,10 +544,13 @@ def register(fixed: sitk.Image, moving: sitk.Image, model, device="auto", *,
         "ncc_after": global_ncc(fixed_arr, sitk.GetArrayViewFromImage(warped),
                                 _overlap_mask(moving, fixed, composite)),
     }
+    import torch
+
+    from gvsl import geometry
     jac = sitk.GetArrayViewFromImage(jacobian)
     disp_arr = sitk.GetArrayViewFromImage(displacement)
     metrics.update({
-        "folding_percent": float((jac <= 0).mean() * 100.0),
+        "folding_percent": geometry.folding_percentage(torch.from_numpy(sitk.GetArrayFromImage(jacobian))),
         "jacobian_min": float(jac.min()),
         "jacobian_max": float(jac.max()),
         "max_displacement_mm": float(np.sqrt((disp_arr ** 2).sum(-1)).max()),
@@ -590,18 +593,6 @@ def write_transform(transform: sitk.Transform, path) -> Path:
     return atomic_write(path, lambda tmp: sitk.WriteTransform(transform, tmp))
 
 
-def _json_safe(value):
-    if isinstance(value, dict):
-        return {str(k): _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    if isinstance(value, (float, np.floating)):
-        return float(value) if math.isfinite(float(value)) else None
-    if isinstance(value, np.integer):
-        return int(value)
-    return value
-
-
 def write_outputs(result: RegistrationResult, out_dir, fixed: Optional[sitk.Image] = None,
                   moving: Optional[sitk.Image] = None, overview: bool = True) -> dict:
     """Write every output of a registration into ``out_dir`` (atomically) -> {name: Path}.
@@ -629,7 +620,8 @@ def write_outputs(result: RegistrationResult, out_dir, fixed: Optional[sitk.Imag
         from gvsl.pictures import registration_overview
         files["overview"] = registration_overview(fixed, moving, result, out / "overview.png")
     from gvsl.checkpoint import atomic_write_text
-    files["metrics"] = atomic_write_text(out / "metrics.json", json.dumps(_json_safe(result.metrics), indent=2))
+    from gvsl.progress import json_safe
+    files["metrics"] = atomic_write_text(out / "metrics.json", json.dumps(json_safe(result.metrics), indent=2))
     return files
 
 
@@ -657,7 +649,7 @@ def summary(metrics: dict) -> str:
 def run_cli(args) -> int:
     """``gvsl register``: read, register, write every output into ``--out``."""
     from gvsl.io import read_volume
-    from gvsl.progress import Progress
+    from gvsl.progress import Progress, json_safe
     progress = Progress(total=len(STAGES), mode=args.progress, task="register")
     fixed = read_volume(args.fixed)
     moving = read_volume(args.moving)
@@ -672,7 +664,7 @@ def run_cli(args) -> int:
     if args.progress == "json":
         print(json.dumps({"event": "done", "task": "register",
                           "outputs": {k: str(v) for k, v in files.items()},
-                          "metrics": _json_safe(result.metrics)}), flush=True)
+                          "metrics": json_safe(result.metrics)}), flush=True)
     else:
         print(summary(result.metrics))
         print(f"wrote {len(files)} files to {args.out}")

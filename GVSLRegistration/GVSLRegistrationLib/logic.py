@@ -34,6 +34,7 @@ from pathlib import Path, PurePath
 from typing import Callable, Optional, Union
 
 import gvsl_mrml
+from gvsl.progress import json_safe
 from gvsl_mrml.volumes import MRMLConversionError, volume_ijk_to_world_ras
 
 REFERENCE_FIXED = "GVSL.fixed"
@@ -138,19 +139,6 @@ def _dice_by_segment(dice: Optional[dict], name_to_value: dict) -> Optional[dict
     return out
 
 
-def _json_safe(value):
-    import math
-    if isinstance(value, dict):
-        return {str(k): _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if hasattr(value, "item"):
-        return _json_safe(value.item())
-    return value
-
-
 def register_volumes(fixed_node, moving_node, model_path, device: str = "auto", *,
                      moving_segmentation=None, fixed_segmentation=None,
                      outputs: Optional[RegistrationOutputs] = None,
@@ -244,7 +232,7 @@ def register_volumes(fixed_node, moving_node, model_path, device: str = "auto", 
     outputs.fixed_volume, outputs.moving_volume = fixed_node, moving_node
     for node in outputs.nodes().values():
         _set_references(node, fixed_node, moving_node)
-    outputs.deformable_transform.SetAttribute(ATTRIBUTE_METRICS, json.dumps(_json_safe(metrics)))
+    outputs.deformable_transform.SetAttribute(ATTRIBUTE_METRICS, json.dumps(json_safe(metrics)))
     return outputs
 
 

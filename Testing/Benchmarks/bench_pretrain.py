@@ -22,14 +22,10 @@ import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from bench_engine import _sync  # same folder: one device-synchronising helper
 from gvsl import augment
 from gvsl.device import describe
 from gvsl.train import PretrainConfig, Pretrainer
-
-
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def _rss_gib() -> float:

@@ -30,6 +30,7 @@ import torch
 
 from gvsl import registration as R
 from gvsl.device import describe, select_device
+from gvsl.progress import json_safe
 from gvsl.network import GVSL
 from gvsl.phantoms import make_heart_phantom
 
@@ -172,7 +173,7 @@ def main(argv=None) -> int:
               f"{r['gvsl_s']:>7.1f} {r['gvsl_network_s']:>7.1f} {f(r.get('sitk_s'), '{:.1f}'):>7} "
               f"{f(r.get('speedup'), '{:.2f}x'):>7}")
     print(json.dumps({"benchmark": "register", "device": describe(dev), "model": weights,
-                      "rows": R._json_safe(rows)}))
+                      "rows": json_safe(rows)}))
     return 0
 
 
