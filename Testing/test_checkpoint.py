@@ -86,11 +86,24 @@ def test_own_checkpoint_round_trip_is_atomic(tmp_path):
                            train_config={"lr": 1e-4})
     assert [p.name for p in path.parent.iterdir()] == ["ckpt.pt"]  # no temp file left behind
     ckpt = load_checkpoint(path)
-    assert ckpt["step"] == 7 and ckpt["preprocessing"] == {"preset": "ct"} and ckpt["format_version"] == 1
+    assert ckpt["step"] == 7 and ckpt["preprocessing"] == {"preset": "ct"} and ckpt["format_version"] == 2
     loaded = load_model(path)
     for (k, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
         assert torch.equal(a, b), k
     assert loaded.info["source"] == "gvsl" and not loaded.training
+
+
+def test_format_1_checkpoint_still_loads(tmp_path):
+    """A checkpoint written by gvsl 0.1 (format 1, preprocessing {preset, spacing_mm}) loads; its
+    spec is the documented default with its preset and spacing."""
+    from gvsl.preprocessing import PreprocessSpec, spec_from_checkpoint
+    model = GVSL()
+    path = save_checkpoint(tmp_path / "v1.pt", model, preprocessing={"preset": "mr", "spacing_mm": 1.5})
+    payload = torch.load(path, weights_only=True)
+    payload["format_version"] = 1
+    torch.save(payload, path)
+    loaded = load_model(path)
+    assert spec_from_checkpoint(loaded.info) == (PreprocessSpec(preset="mr", spacing_mm=1.5), "checkpoint-v1")
 
 
 def test_failed_save_keeps_previous_file(tmp_path):

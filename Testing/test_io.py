@@ -85,7 +85,7 @@ def test_dicom_series_folder_is_found_and_read(tmp_path):
     _same_geometry(out, img, tol=1e-3)
     np.testing.assert_array_equal(sitk.GetArrayFromImage(out), sitk.GetArrayFromImage(img))
     cached = VolumeCache(tmp_path / "cache", "ct", 1.0).get(series)
-    assert cached.shape == (12, 7, 7)  # ceil(6*2.0), ceil(10*0.7), ceil(9*0.7)
+    assert cached.shape == (11, 8, 7)  # the preprocessing grid: ceil((n-1)*sp/1mm)+1 = 5*2+1, 6.3->7+1, 5.6->6+1
 
 
 def test_folder_with_two_dicom_series_gives_one_path_per_series(tmp_path):
@@ -121,68 +121,7 @@ def test_find_volumes_sorted_deduplicated_and_filtered(tmp_path):
 # ---------------------------------------------------------------------------------------
 # presets and resampling
 # ---------------------------------------------------------------------------------------
-def test_ct_preset_numbers():
-    hu = np.array([-3000, -1024, -24, 0, 1024, 3000], dtype=np.int16)
-    out = io.normalize_intensity(hu, "ct")
-    assert out.dtype == np.float32
-    np.testing.assert_allclose(out, [0.0, 0.0, 1000 / 2048, 0.5, 1.0, 1.0], atol=1e-7)
-
-
-def test_mr_preset_robust_minmax_and_constant_image():
-    rng = np.random.default_rng(0)
-    a = rng.uniform(100, 200, size=(10, 10, 10)).astype(np.float32)
-    a[0, 0, 0], a[0, 0, 1] = 1e6, -1e6  # outliers beyond the 0.5/99.5 percentiles
-    before = a.copy()
-    out = io.normalize_intensity(a, "mr")
-    np.testing.assert_array_equal(a, before)  # input untouched
-    lo, hi = np.percentile(a, [0.5, 99.5])
-    np.testing.assert_allclose(out[5, 5, 5], (a[5, 5, 5] - lo) / (hi - lo), rtol=1e-5)
-    assert out.min() == 0.0 and out.max() == 1.0 and out[0, 0, 0] == 1.0 and out[0, 0, 1] == 0.0
-    const = io.normalize_intensity(np.full((4, 4, 4), 7.0), "mr")
-    assert np.all(const == 0) and np.all(np.isfinite(const))
-    # mostly-empty image: percentiles equal -> full min/max
-    sparse = np.zeros((10, 10, 10), np.float32)
-    sparse[0, 0, :2] = [50, 100]
-    np.testing.assert_allclose(io.normalize_intensity(sparse, "mr")[0, 0, :3], [0.5, 1.0, 0.0])
-
-
-def test_unknown_preset_lists_choices():
-    with pytest.raises(VolumeError, match="choose one of ct, mr"):
-        io.normalize_intensity(np.zeros(3), "pet")
-    with pytest.raises(VolumeError, match="choose one of ct, mr"):
-        io.preprocess(_volume(), "pet")
-
-
-def test_preprocess_isotropic_geometry_and_values():
-    spacing, origin, direction = (0.7, 1.3, 2.5), (5.0, -3.0, 10.0), _rotation_direction(30)
-    size = (20, 12, 7)
-    img = sitk.Image(size, sitk.sitkFloat32)
-    img.SetSpacing(spacing)
-    img.SetOrigin(origin)
-    img.SetDirection(direction)
-    # a linear ramp in physical coordinates: HU = -1000 + 20 * (x_mm + 2 y_mm + 3 z_mm)
-    idx = np.stack(np.meshgrid(*[np.arange(n) for n in size], indexing="ij"), -1).reshape(-1, 3)
-    pts = np.array(origin) + (np.array(direction).reshape(3, 3) @ (idx * spacing).T).T
-    ramp = -1000 + 20 * (pts @ [1.0, 2.0, 3.0])
-    arr = ramp.reshape(size).transpose(2, 1, 0).astype(np.float32)
-    img = sitk.GetImageFromArray(arr)
-    img.SetSpacing(spacing)
-    img.SetOrigin(origin)
-    img.SetDirection(direction)
-    out = io.preprocess(img, "ct", spacing_mm=1.0)
-    assert out.GetPixelID() == sitk.sitkFloat32
-    np.testing.assert_allclose(out.GetSpacing(), (1.0, 1.0, 1.0))
-    np.testing.assert_allclose(out.GetOrigin(), origin)
-    np.testing.assert_allclose(out.GetDirection(), direction)
-    assert out.GetSize() == tuple(math.ceil(n * s) for n, s in zip(size, spacing))  # (14, 16, 18)
-    # interior voxels: linear interpolation of a linear ramp is exact
-    o = sitk.GetArrayFromImage(out)
-    for i, j, k in [(2, 3, 4), (10, 8, 12), (5, 12, 2)]:
-        p = np.array(out.TransformIndexToPhysicalPoint((i, j, k)))
-        expect = np.clip(-1000 + 20 * (p @ [1.0, 2.0, 3.0]) + 1024, 0, 2048) / 2048
-        assert abs(o[k, j, i] - expect) < 1e-4
-    half = io.preprocess(img, "ct", spacing_mm=2.0)
-    assert half.GetSize() == tuple(math.ceil(n * s / 2.0) for n, s in zip(size, spacing))
+# (the intensity presets and the grid/resampling tests moved to test_preprocessing.py with the code)
 
 
 def test_preprocess_warns_when_ct_preset_gets_non_hu_data():
@@ -205,7 +144,7 @@ def test_volume_cache_reads_each_file_once_and_hits_disk_cache(tmp_path, monkeyp
     a = cache.get(path)
     b = cache.get(path)
     assert len(reads) == 1 and a is b
-    assert a.dtype == np.float32 and a.shape == (12, 7, 8)  # (z, y, x), z 6 x 2 mm -> 12
+    assert a.dtype == np.float32 and a.shape == (11, 7, 8)  # (z, y, x), z (6 - 1) x 2 mm + 1 -> 11
     expect = sitk.GetArrayFromImage(io.preprocess(real_read(path), "ct", 1.0))
     np.testing.assert_array_equal(a, expect)
     assert [f.suffix for f in cache_dir.iterdir()] == [".npy"]  # no temp files left

@@ -3,9 +3,14 @@
 Our format is a dict (loadable with ``torch.load(weights_only=True)``: tensors, numbers,
 strings, lists and dicts only)::
 
-    {"format": "gvsl-checkpoint", "format_version": 1, "kind": "pretrain",
+    {"format": "gvsl-checkpoint", "format_version": 2, "kind": "pretrain",
      "model_config": {...}, "preprocessing": {...}, "step": int,
      "state_dict": {...}, ... optional: "optimizer", "rng", "train_config", "history"}
+
+``preprocessing`` is the :class:`gvsl.preprocessing.PreprocessSpec` the model was trained with
+(``spec.to_dict()``), which every command that reads the checkpoint applies. Format 1 stored
+only ``{preset, spacing_mm}``; format-1 files and the published weights (no record) are read
+with the documented defaults of :func:`gvsl.preprocessing.spec_from_checkpoint`.
 
 The published GVSL3D weights are a plain ``state_dict`` of the reference model (keys listed in
 ``shared/reference/gvsl_official_state_dict.tsv``). They load into :class:`gvsl.network.GVSL`
@@ -27,7 +32,7 @@ import torch
 from gvsl.network import GVSL, ModelConfig
 
 FORMAT = "gvsl-checkpoint"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: preprocessing holds the whole PreprocessSpec
 KIND_PRETRAIN = "pretrain"
 REFERENCE_TRANSLATION_SCALE = 0.5  # reference fc_trans units -> voxels (cubic grids)
 
@@ -78,9 +83,14 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
 
 
 def save_checkpoint(path: str | os.PathLike, model: GVSL, *, step: int = 0, kind: str = KIND_PRETRAIN,
-                    preprocessing: Optional[dict] = None, **extra) -> Path:
-    """Save ``model`` (and ``extra`` entries such as optimizer/rng/train_config) atomically."""
+                    preprocessing=None, **extra) -> Path:
+    """Save ``model`` (and ``extra`` entries such as optimizer/rng/train_config) atomically.
+
+    ``preprocessing``: the :class:`gvsl.preprocessing.PreprocessSpec` (or its dict) the model was
+    trained with; None records nothing (commands then use the defaults)."""
     module = model.module if hasattr(model, "module") else model
+    if preprocessing is not None and hasattr(preprocessing, "to_dict"):
+        preprocessing = preprocessing.to_dict()
     payload = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,

@@ -123,6 +123,9 @@ def _add_register(sub) -> None:
                    help="isotropic spacing of the network grid in mm (default: the checkpoint's, else 1.0)")
     p.add_argument("--max-network-voxels", type=int, default=160 ** 3, metavar="N",
                    help="coarsen the network grid beyond N voxels (default 160^3 = 4096000)")
+    p.add_argument("--full-resolution", action="store_true",
+                   help="write displacement.nii.gz and jacobian.nii.gz on the fixed image's grid (default: on the "
+                        "network grid, where the field is exact and small)")
     p.add_argument("--no-overview", action="store_true", help="do not draw overview.png")
     _progress_arg(p)
 
@@ -138,8 +141,11 @@ def run_info(args) -> int:
     if args.model:
         from gvsl.checkpoint import load_model
         from gvsl.network import count_parameters
+        from gvsl.preprocessing import spec_from_checkpoint
         model = load_model(args.model)
+        spec, source = spec_from_checkpoint(model.info)
         info["model"] = dict(model.info, parameters=count_parameters(model))
+        info["preprocessing"] = {"spec": spec.to_dict(), "source": source, "description": spec.describe()}
     print(json.dumps(info, indent=2, default=str))
     return 0
 

@@ -1,8 +1,9 @@
-"""Volume input: find and read 3D scans, preprocessing presets, a preprocessed-volume cache.
+"""Volume input: find and read 3D scans, and a cache of preprocessed volumes.
 
 Inputs are image files (``.nii``, ``.nii.gz``, ``.nrrd``, ``.nhdr``, ``.mha``, ``.mhd``) or DICOM
 series folders, read with SimpleITK. Geometry stays SimpleITK's: LPS millimetres, arrays from
-``sitk.GetArrayFromImage`` are (z, y, x) = (k, j, i). Nothing here reorients an image.
+``sitk.GetArrayFromImage`` are (z, y, x) = (k, j, i). Reading never reorients an image
+(:mod:`gvsl.preprocessing` does, for the network).
 
 DICOM: a folder holding one series is that series' volume. A folder holding several series
 yields one path per series, ``<folder>/<SeriesInstanceUID>`` (a *virtual* path: it does not
@@ -11,22 +12,16 @@ exist on disk; :func:`read_volume` reads that series of ``<folder>``).
 Non-finite voxels (NaN/Inf) are replaced by the finite minimum of the image with a
 :class:`VolumeWarning` naming the file and the count (an image with no finite voxel is an error).
 
-Preprocessing (:func:`preprocess`): resample to an isotropic grid (default 1 mm, linear
-interpolation, same origin and direction), then map intensities to [0, 1] with a preset:
-
-* ``ct``: HU + 1024, clipped to [0, 2048], divided by 2048 (so -1024 HU -> 0, +1024 HU -> 1).
-* ``mr``: robust min-max: the 0.5th and 99.5th percentiles map to 0 and 1, values outside are
-  clipped. If those percentiles are equal (e.g. mostly-empty images) the full min/max is used;
-  a constant image becomes all zeros.
+Preprocessing is :mod:`gvsl.preprocessing` (the one contract of every command);
+:func:`preprocess` here is its shortcut returning an image.
 
 :class:`VolumeCache` keeps preprocessed arrays in memory and, with a ``cache_dir``, on disk as
-``.npy`` files keyed by (resolved path, mtime, size, preset, spacing, CACHE_VERSION).
+``.npy`` files keyed by (resolved path, mtime, size, the preprocessing spec, CACHE_VERSION).
 """
 from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import re
 import warnings
@@ -40,18 +35,7 @@ PathLike = Union[str, os.PathLike]
 
 IMAGE_EXTENSIONS = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
 MIN_SIZE_VOXELS = 4
-CACHE_VERSION = 1
-
-PRESETS: Dict[str, dict] = {
-    "ct": {"name": "ct", "modality": "CT",
-           "description": "HU + 1024, clipped to [0, 2048], divided by 2048",
-           "offset": 1024.0, "clip": [0.0, 2048.0], "scale": 2048.0},
-    "mr": {"name": "mr", "modality": "MR",
-           "description": "0.5th..99.5th percentile -> [0, 1], clipped (full min..max if those are "
-                          "equal; constant images -> 0)",
-           "percentiles": [0.5, 99.5]},
-}
-
+CACHE_VERSION = 2  # 2: the gvsl.preprocessing contract (canonical orientation, centred grid)
 
 class VolumeError(ValueError):
     """A volume (or set of volumes) that cannot be used, with what is wrong and what to do."""
@@ -247,85 +231,17 @@ def write_image_atomic(image: sitk.Image, path: PathLike, compress: bool = True)
 
 
 # ---------------------------------------------------------------------------------------
-# Preprocessing
+# Preprocessing lives in gvsl.preprocessing (the one contract); this is its file-level shortcut
 # ---------------------------------------------------------------------------------------
-def _check_preset(preset: str) -> dict:
-    if preset not in PRESETS:
-        raise VolumeError(f"unknown intensity preset {preset!r}; choose one of {', '.join(PRESETS)} "
-                          "(ct: HU images; mr: any other modality)")
-    return PRESETS[preset]
-
-
-def normalize_intensity(array: np.ndarray, preset: str) -> np.ndarray:
-    """Map intensities to [0, 1] with ``preset`` (see the module docstring). Returns a new
-    float32 array of the same shape; non-finite inputs become 0."""
-    p = _check_preset(preset)
-    a = np.asarray(array, dtype=np.float32)
-    finite = np.isfinite(a)
-    if not finite.all():
-        a = np.where(finite, a, np.float32(np.nan))
-    if preset == "ct":
-        lo, hi = p["clip"]
-        out = (np.clip(a + np.float32(p["offset"]), lo, hi) / np.float32(p["scale"])).astype(np.float32)
-    else:
-        values = a[finite] if not finite.all() else a
-        if values.size == 0:
-            return np.zeros(a.shape, np.float32)
-        lo, hi = np.percentile(values, p["percentiles"])
-        if not hi > lo:
-            lo, hi = float(values.min()), float(values.max())
-        if not hi > lo:
-            return np.zeros(a.shape, np.float32)
-        out = np.clip((a - np.float32(lo)) / np.float32(hi - lo), 0.0, 1.0).astype(np.float32)
-    if not finite.all():
-        out[~finite] = 0.0
-    return out
-
-
-def resample_isotropic(image: sitk.Image, spacing_mm: float = 1.0,
-                       interpolator: int = sitk.sitkLinear, default_value: Optional[float] = None) -> sitk.Image:
-    """Resample to ``spacing_mm`` on every axis, same origin and direction.
-
-    Output size per axis = ceil(size * spacing / spacing_mm) (the same physical extent, rounded
-    up). Voxels beyond the input's edge get ``default_value`` (default: the image minimum).
-    Output pixel type: float32 for linear/other interpolators, the input's for nearest neighbour.
-    """
-    if not spacing_mm > 0 or not math.isfinite(spacing_mm):
-        raise VolumeError(f"spacing_mm must be a positive number of millimetres, got {spacing_mm}")
-    size = image.GetSize()
-    spacing = image.GetSpacing()
-    new_size = [max(1, int(math.ceil(n * s / spacing_mm - 1e-6))) for n, s in zip(size, spacing)]
-    if default_value is None:
-        default_value = float(sitk.GetArrayViewFromImage(image).min())
-    nearest = interpolator == sitk.sitkNearestNeighbor
-    src = image if nearest else sitk.Cast(image, sitk.sitkFloat32)
-    return sitk.Resample(src, new_size, sitk.Transform(), interpolator, image.GetOrigin(),
-                         [float(spacing_mm)] * 3, image.GetDirection(), float(default_value),
-                         src.GetPixelID())
-
-
 def preprocess(image: sitk.Image, preset: str, spacing_mm: float = 1.0, name: str = "volume") -> sitk.Image:
-    """Resample to isotropic ``spacing_mm`` (linear) and normalise intensities with ``preset``.
-
-    Returns a new float32 image in [0, 1] with the same origin and direction, spacing
-    ``spacing_mm`` on all axes, size ceil(extent / spacing_mm) (see :func:`resample_isotropic`).
-    """
-    _check_preset(preset)
-    if preset == "ct":
-        lo = float(sitk.GetArrayViewFromImage(image).min())
-        if lo >= 0:
-            warnings.warn(f"{name}: minimum intensity {lo:g} does not look like CT in Hounsfield units "
-                          "(air is about -1000 HU, fat about -100 HU); if this is not CT use the 'mr' preset, if it is CT "
-                          "stored without its rescale intercept, convert it to HU first.",
-                          VolumeWarning, stacklevel=2)
-    resampled = resample_isotropic(image, spacing_mm)
-    if min(resampled.GetSize()) < MIN_SIZE_VOXELS:
-        raise VolumeError(f"{name} resampled to {spacing_mm} mm has size {resampled.GetSize()}; each axis "
-                          f"needs at least {MIN_SIZE_VOXELS} voxels: use a smaller spacing_mm.")
-    array = normalize_intensity(sitk.GetArrayViewFromImage(resampled), preset)
-    out = sitk.GetImageFromArray(array)
-    out.CopyInformation(resampled)
-    return out
+    """``gvsl.preprocessing.preprocess(image, PreprocessSpec(preset, spacing_mm))`` as an image
+    (float32 in [0, 1] on the network grid); its warnings are issued as :class:`VolumeWarning`."""
+    from gvsl.preprocessing import PreprocessSpec
+    from gvsl.preprocessing import preprocess as _preprocess
+    prepared = _preprocess(image, PreprocessSpec(preset=preset, spacing_mm=spacing_mm), name=name)
+    for note in prepared.warnings:
+        warnings.warn(note, VolumeWarning, stacklevel=2)
+    return prepared.image()
 
 
 # ---------------------------------------------------------------------------------------
@@ -354,23 +270,34 @@ def _file_signature(path: Path) -> Tuple[str, int, int]:
 class VolumeCache:
     """Preprocessed volumes by path: in memory, and on disk under ``cache_dir`` when given.
 
-    ``get(path)`` returns the float32 (z, y, x) array of ``preprocess(read_volume(path), preset,
-    spacing_mm)``. The key hashes (resolved path, mtime, size, preset, spacing_mm,
-    CACHE_VERSION), so an edited file is preprocessed again. Disk entries are
+    ``get(path)`` returns the float32 (z, y, x) array of
+    ``gvsl.preprocessing.preprocess(read_volume(path), spec)`` (``spec``: a
+    :class:`gvsl.preprocessing.PreprocessSpec`, or a preset name with ``spacing_mm``). The key
+    hashes (resolved path, mtime, size, the whole spec, CACHE_VERSION), so an edited file or
+    another spec is preprocessed again. Disk entries are
     ``<cache_dir>/<key>.npy`` written atomically; an unreadable entry is rebuilt.
     Returned arrays are shared with the cache: do not modify them in place (copy or crop first).
     """
 
-    def __init__(self, cache_dir: Optional[PathLike], preset: str, spacing_mm: float = 1.0):
-        _check_preset(preset)
+    def __init__(self, cache_dir: Optional[PathLike], spec, spacing_mm: float = 1.0):
+        from gvsl.preprocessing import PreprocessSpec
+        if not isinstance(spec, PreprocessSpec):
+            spec = PreprocessSpec(preset=spec, spacing_mm=spacing_mm)
+        self.spec = spec
         self.cache_dir = Path(cache_dir) if cache_dir is not None else None
-        self.preset = preset
-        self.spacing_mm = float(spacing_mm)
         self._memory: Dict[str, np.ndarray] = {}
+
+    @property
+    def preset(self) -> str:
+        return self.spec.preset
+
+    @property
+    def spacing_mm(self) -> float:
+        return self.spec.spacing_mm
 
     def key(self, path: PathLike) -> str:
         resolved, mtime, size = _file_signature(Path(path))
-        blob = json.dumps([resolved, mtime, size, self.preset, self.spacing_mm, CACHE_VERSION])
+        blob = json.dumps([resolved, mtime, size, self.spec.to_dict(), CACHE_VERSION], sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:32]
 
     def get(self, path: PathLike) -> np.ndarray:
@@ -389,8 +316,11 @@ class VolumeCache:
                               VolumeWarning, stacklevel=2)
                 array = None
         if array is None:
-            image = preprocess(read_volume(path), self.preset, self.spacing_mm, name=Path(path).name)
-            array = np.ascontiguousarray(sitk.GetArrayFromImage(image), dtype=np.float32)
+            from gvsl.preprocessing import preprocess as _preprocess
+            prepared = _preprocess(read_volume(path), self.spec, name=Path(path).name)
+            for note in prepared.warnings:
+                warnings.warn(note, VolumeWarning, stacklevel=2)
+            array = prepared.array_zyx
             if disk is not None:
                 from gvsl.checkpoint import atomic_write
 
@@ -408,22 +338,22 @@ class VolumeCache:
         self._memory.clear()
 
 
-def load_volumes(paths: Sequence[PathLike], preset: str, spacing_mm: float = 1.0,
+def load_volumes(paths: Sequence[PathLike], preset, spacing_mm: float = 1.0,
                  cache_dir: Optional[PathLike] = None, progress=None) -> Tuple[List[np.ndarray], List[Path]]:
     """Find (:func:`find_volumes`) and load every volume preprocessed, through a :class:`VolumeCache`.
 
-    Returns (arrays float32 (z, y, x) in [0, 1] on a ``spacing_mm`` grid, their paths).
+    ``preset``: a :class:`gvsl.preprocessing.PreprocessSpec`, or a preset name with ``spacing_mm``.
+    Returns (arrays float32 (z, y, x) in [0, 1] on each volume's network grid, their paths).
     ``progress``: a :class:`gvsl.progress.Progress` (its ``total`` is set to the number of
     volumes; ``update(i, volume=name)`` after each) or None.
     Raises :class:`VolumeError` when fewer than two volumes are found (pairs of different scans
     are needed) or when one cannot be read.
     """
-    _check_preset(preset)
     files = find_volumes(paths)
     if len(files) < 2:
         raise VolumeError(f"need at least two volumes to make pairs of different scans; found "
                           f"{len(files)}: {', '.join(str(f) for f in files)}. Add more scans.")
-    cache = VolumeCache(cache_dir, preset, spacing_mm)
+    cache = VolumeCache(cache_dir, preset, spacing_mm)  # checks the preset/spec first
     if progress is not None:
         progress.total = len(files)
     arrays = []

@@ -160,6 +160,8 @@ class Pretrainer:
         self.dist, self.device = _init_distributed(config.device)
         self.precision = choose_precision(self.device, "training", config.precision)
         self.out = Path(config.out)
+        from gvsl.preprocessing import PreprocessSpec
+        self.spec = PreprocessSpec(preset=config.preset, spacing_mm=config.spacing_mm)  # saved in checkpoints
         if config.steps < 1:
             raise TrainingError(f"--steps must be >= 1 (got {config.steps})")
         if config.batch_size < 1:
@@ -193,8 +195,7 @@ class Pretrainer:
         from gvsl import io
         cache = self.config.cache_dir or str(self.out / "cache")
         self.progress.event("loading", message=f"reading and preprocessing volumes ({self.config.preset} preset)")
-        volumes, paths = io.load_volumes(self.config.images, self.config.preset, self.config.spacing_mm,
-                                         cache_dir=cache)
+        volumes, paths = io.load_volumes(self.config.images, self.spec, cache_dir=cache)
         self.volume_paths = [str(p) for p in paths]
         shapes = [v.shape for v in volumes]
         self.progress.event("loaded", n_volumes=len(volumes), shapes=[list(s) for s in shapes[:10]])
@@ -228,7 +229,7 @@ class Pretrainer:
             return None
         return checkpoint.save_checkpoint(
             self.out / name, self.model, step=self.step,
-            preprocessing={"preset": self.config.preset, "spacing_mm": self.config.spacing_mm}, **payload)
+            preprocessing=self.spec, **payload)
 
     def _resume(self) -> None:
         path = self.out / LAST
