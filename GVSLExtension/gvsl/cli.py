@@ -126,6 +126,10 @@ def _add_register(sub) -> None:
     p.add_argument("--full-resolution", action="store_true",
                    help="write displacement.nii.gz and jacobian.nii.gz on the fixed image's grid (default: on the "
                         "network grid, where the field is exact and small)")
+    p.add_argument("--refine", default="auto", metavar="N",
+                   help="test-time refinement steps on this pair after the network (NCC + smoothness, "
+                        "multi-resolution; the network-only result is kept beside it): 0 = network only, "
+                        "auto (default) = 150 on a CPU, 400 on a GPU")
     p.add_argument("--no-overview", action="store_true", help="do not draw overview.png")
     _progress_arg(p)
 

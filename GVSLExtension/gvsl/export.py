@@ -7,7 +7,9 @@ linear interpolation, applied before the affine), composite.h5 (affine(p + u(p))
 ``sitk.Resample(moving, fixed, ReadTransform(...))`` needs), displacement.nii.gz and
 jacobian.nii.gz (total displacement of the composite and its Jacobian determinant, on the grid the
 result holds them: the network grid, or the fixed grid with ``full_resolution``),
-warped_labels.nii.gz (with labels), metrics.json, overview.png.
+warped_labels.nii.gz (with labels), metrics.json, overview.png. A refined registration also
+writes what the network alone predicted: warped_network.nii.gz, deformable_network.nii.gz,
+composite_network.h5 (same conventions; the affine is shared) and warped_labels_network.nii.gz.
 """
 from __future__ import annotations
 
@@ -45,6 +47,15 @@ def write_outputs(result, out_dir, fixed: Optional[sitk.Image] = None,
     del field
     if result.warped_labels is not None:
         files["warped_labels"] = write_image(result.warped_labels, out / "warped_labels.nii.gz")
+    network = getattr(result, "network", None)
+    if network is not None:
+        files["warped_network"] = write_image(network.warped, out / "warped_network.nii.gz")
+        files["deformable_network"] = write_image(
+            sitk.Cast(network.deformable.GetDisplacementField(), sitk.sitkVectorFloat32),
+            out / "deformable_network.nii.gz")
+        files["composite_network"] = write_transform(network.composite, out / "composite_network.h5")
+        if network.warped_labels is not None:
+            files["warped_labels_network"] = write_image(network.warped_labels, out / "warped_labels_network.nii.gz")
     if overview and fixed is not None and moving is not None:
         from gvsl.pictures import registration_overview
         files["overview"] = registration_overview(fixed, moving, result, out / "overview.png")
@@ -67,6 +78,13 @@ def summary(metrics: dict) -> str:
         lines.append(f"Dice mean before {_fmt(metrics['dice_before'].get('mean'))} -> affine "
                      f"{_fmt(metrics['dice_affine'].get('mean'))} -> after "
                      f"{_fmt(metrics['dice_after'].get('mean'))}")
+    if "refine" in metrics:
+        r = metrics["refine"]
+        line = (f"network only: NCC {_fmt(metrics.get('ncc_network'))}, folding "
+                f"{_fmt(metrics.get('folding_percent_network'), '{:.2f}')}%")
+        if isinstance(metrics.get("dice_network"), dict):
+            line += f", Dice mean {_fmt(metrics['dice_network'].get('mean'))}"
+        lines.append(line + f"; 'after' = refined on this pair ({r['steps']} steps, {r['seconds']:.1f} s)")
     t = metrics.get("timings_s", {})
     lines.append(f"{t.get('total', 0):.1f} s on {metrics.get('device')} ({metrics.get('precision')}), network grid "
                  f"{'x'.join(str(v) for v in metrics.get('network_grid_size', []))} at "

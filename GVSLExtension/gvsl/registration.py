@@ -63,8 +63,9 @@ class RegistrationResult:
                    grid, float32 (physical derivatives; <= 0 marks folding).
     metrics:       numbers and notes (see :func:`register`).
     warped_labels: moving labels warped with the composite (nearest neighbour), or None.
-    grid:          the network grid; ``flow_zyx``: the network's flow on it, float32
+    grid:          the network grid; ``flow_zyx``: the flow on it (refined when refining), float32
                    (3, z, y, x) voxels, channels (z, y, x); ``mat``: its 4x4 voxel affine.
+    network:       with refinement, the network-only result (:class:`NetworkOnly`), else None.
     """
 
     affine: sitk.AffineTransform
@@ -79,6 +80,7 @@ class RegistrationResult:
     grid: Optional[Grid] = None
     flow_zyx: Optional[np.ndarray] = None
     mat: Optional[np.ndarray] = None
+    network: Optional["NetworkOnly"] = None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -170,8 +172,10 @@ def register(fixed: sitk.Image, moving: sitk.Image, model, device="auto", *,
              fixed_labels: Optional[sitk.Image] = None, moving_labels: Optional[sitk.Image] = None,
              preset: Optional[str] = None, network_spacing_mm: Optional[float] = None,
              max_network_voxels: int = DEFAULT_MAX_NETWORK_VOXELS, precision: str = "auto",
-             full_resolution: bool = False, progress=None, cancel=None) -> RegistrationResult:
-    """Register ``moving`` onto ``fixed`` with a GVSL model (one forward pass).
+             full_resolution: bool = False, refine=0, refine_settings=None, fixed_mask: Optional[sitk.Image] = None,
+             progress=None, cancel=None) -> RegistrationResult:
+    """Register ``moving`` onto ``fixed`` with a GVSL model (one forward pass, then optionally
+    ``refine`` steps of test-time refinement on the pair).
 
     fixed, moving: scalar 3D SimpleITK images (any size, spacing, direction; not modified).
     model: a :class:`gvsl.network.GVSL` (or anything with its ``register(a, b)``; it is put in
@@ -185,6 +189,14 @@ def register(fixed: sitk.Image, moving: sitk.Image, model, device="auto", *,
     precision: "auto" | "fp32" | "bf16" | "fp16" (see :func:`gvsl.device.choose_precision`).
     full_resolution: also give the total displacement and the Jacobian on the fixed image's grid
         (float32, computed in slabs) instead of the network grid.
+    refine: Adam steps of test-time refinement (:mod:`gvsl.refine`: the network's flow is
+        corrected on this pair by local NCC + smoothness, the affine kept; the result is the same
+        affine + displacement kinds, exported exactly as the network's). 0 (default) = network
+        only; "auto" = :func:`gvsl.refine.default_steps` for the device (CPU 150, GPU 400).
+        refine_settings: a :class:`gvsl.refine.RefineSettings` (default: per device).
+        fixed_mask: optional mask image (any grid, non-zero = inside) where the similarity counts.
+        With refinement the main outputs are the refined ones; the network-only result is kept
+        in ``result.network`` and in the ``*_network`` metrics (side by side).
     progress: a :class:`gvsl.progress.Progress`; receives ``event("stage", stage=..., index=i,
         stages=4, message=...)`` for the stages resample, network, export, metrics, and
         ``event("warning", message=...)``.
@@ -194,7 +206,9 @@ def register(fixed: sitk.Image, moving: sitk.Image, model, device="auto", *,
     ``result.metrics``: ncc_before / ncc_affine / ncc_after (global Pearson NCC on the fixed grid
     within the overlap with the moving image), folding_percent (det <= 0), jacobian_min,
     jacobian_max, dice_before / dice_affine / dice_after (per label and "mean", when both label
-    maps are given), max_displacement_mm, timings_s, device, precision, network_grid_size
+    maps are given), max_displacement_mm; with refinement also ncc_network, dice_network,
+    folding_percent_network, jacobian_min_network (the network-only values, same definitions)
+    and ``refine`` (steps, seconds, levels, local NCC of the first and last step); timings_s, device, precision, network_grid_size
     (x, y, z), network_spacing_mm, preset ({fixed, moving, source}), preprocessing (the spec),
     displacement_grid ("network" | "fixed"), affine_matrix_lps / affine_translation_lps_mm /
     affine_center_lps_mm, warnings (list of str).
@@ -207,11 +221,15 @@ def register(fixed: sitk.Image, moving: sitk.Image, model, device="auto", *,
     timings = {}
     warnings: list = []
 
+    from gvsl import refine as refine_mod
+    steps = _refine_steps(refine, device)
+    stages = STAGES if steps == 0 else STAGES[:2] + ("refine",) + STAGES[2:]
+
     def stage(i: int, name: str, message: str) -> None:
         if cancel is not None:
             cancel.raise_if_cancelled()
         if progress is not None:
-            progress.event("stage", stage=name, index=i, stages=len(STAGES), message=message)
+            progress.event("stage", stage=name, index=stages.index(name), stages=len(stages), message=message)
 
     def warn(message: str) -> None:
         warnings.append(message)
@@ -256,13 +274,33 @@ def register(fixed: sitk.Image, moving: sitk.Image, model, device="auto", *,
     stage(1, "network", f"running GVSL on {inference.describe()}")
     mat, flow, _ = inference.run(lambda m, a, b: m.register(a, b), fixed_net.array_zyx, moving_net.array_zyx,
                                  what="a registration pair on a")
-    del fixed_net, moving_net
     mat = mat.numpy()[0].astype(np.float64)
     flow = np.ascontiguousarray(flow.numpy()[0], dtype=np.float32)
     if not (np.all(np.isfinite(mat)) and np.all(np.isfinite(flow))):
         raise RegistrationError("the network produced non-finite values (NaN/inf); the weights are probably "
                                 "broken. Check the checkpoint, or use --precision fp32.")
     timings["network"] = time.perf_counter() - t0
+
+    # -- 2b. test-time refinement on the pair (optional) ---------------------------------------
+    network, refined = None, None
+    if steps > 0:
+        t0 = time.perf_counter()
+        stage(1, "refine", f"refining the prediction on this pair: {steps} steps on {inference.describe()}")
+        mask_zyx = None
+        if fixed_mask is not None:
+            mask_zyx = sitk.GetArrayFromImage(sitk.Resample(check_volume(fixed_mask, "fixed mask") != 0,
+                                                            grid.reference(), sitk.Transform(3, sitk.sitkIdentity),
+                                                            sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)) > 0
+            if not mask_zyx.any():
+                raise RegistrationError("the fixed mask has no voxel inside the fixed image's field of view; "
+                                        "pass a mask (non-zero = inside) that overlaps the fixed image.")
+        refined = refine_mod.refine(fixed_net.array_zyx, moving_net.array_zyx, mat, flow, steps,
+                                    fixed_mask_zyx=mask_zyx, settings=refine_settings, device=inference.device,
+                                    progress=progress, cancel=cancel)
+        network = _network_only(fixed, moving, moving_labels, mat, flow, grid)
+        flow = np.ascontiguousarray(refined.flow, dtype=np.float32)
+        timings["refine"] = time.perf_counter() - t0
+    del fixed_net, moving_net
 
     # -- 3. export as physical transforms ----------------------------------------------------
     t0 = time.perf_counter()
@@ -318,6 +356,12 @@ def register(fixed: sitk.Image, moving: sitk.Image, model, device="auto", *,
                                       moving_labels.GetPixelID())
         metrics["dice_affine"] = dice_per_label(fl_arr, sitk.GetArrayViewFromImage(affine_labels))
         metrics["dice_after"] = dice_per_label(fl_arr, sitk.GetArrayViewFromImage(warped_labels))
+    if network is not None:
+        metrics.update(_network_metrics(network, fixed, moving, fixed_labels, metrics))
+        metrics["refine"] = {"steps": steps, "seconds": round(refined.seconds, 3),
+                             "levels": [list(v) for v in (refine_settings or refine_mod.default_settings(
+                                 inference.device)).levels],
+                             "local_ncc_first": refined.ncc[0], "local_ncc_last": refined.ncc[-1]}
     timings["metrics"] = time.perf_counter() - t0
     timings["total"] = time.perf_counter() - t_start
     for note in inference.warnings:
@@ -340,12 +384,92 @@ def register(fixed: sitk.Image, moving: sitk.Image, model, device="auto", *,
     return RegistrationResult(affine=affine, deformable=deformable, composite=composite,
                               displacement=displacement, warped=warped, warped_affine=warped_affine,
                               jacobian=jacobian, metrics=metrics, warped_labels=warped_labels,
-                              grid=grid, flow_zyx=flow, mat=mat)
+                              grid=grid, flow_zyx=flow, mat=mat, network=network)
+
+
+# ---------------------------------------------------------------------------------------------
+# Refinement helpers: the network-only result kept beside the refined one
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class NetworkOnly:
+    """What the network alone predicted, when a registration was refined: ``deformable`` and
+    ``composite`` (same conventions as :class:`RegistrationResult`), ``warped`` (moving on the
+    fixed grid, linear), ``warped_labels`` (or None), ``jacobian`` on the network grid, and the
+    network's ``flow_zyx`` (3, z, y, x) voxels."""
+
+    deformable: sitk.DisplacementFieldTransform
+    composite: sitk.CompositeTransform
+    warped: sitk.Image
+    jacobian: sitk.Image
+    flow_zyx: np.ndarray
+    warped_labels: Optional[sitk.Image] = None
+
+
+def _refine_steps(refine, device) -> int:
+    from gvsl import refine as refine_mod
+    if refine in (None, False):
+        return 0
+    if isinstance(refine, str):
+        if refine != "auto":
+            raise RegistrationError(f"refine must be a number of steps or 'auto' (got '{refine}').")
+        from gvsl.device import select_device
+        dev = device if hasattr(device, "type") else select_device(device)
+        return refine_mod.default_steps(dev)
+    steps = int(refine)
+    if steps < 0:
+        raise RegistrationError(f"refine must be >= 0 steps (got {steps}); 0 means network only.")
+    return steps
+
+
+def _network_only(fixed, moving, moving_labels, mat, flow, grid) -> NetworkOnly:
+    affine = affine_to_sitk(mat, grid)
+    deformable = sitk.DisplacementFieldTransform(flow_to_displacement_lps(flow, grid))
+    composite = sitk.CompositeTransform([affine, deformable])
+    warped = sitk.Resample(sitk.Cast(moving, sitk.sitkFloat32), fixed, composite, sitk.sitkLinear, 0.0,
+                           sitk.sitkFloat32)
+    labels = None
+    if moving_labels is not None:
+        labels = sitk.Resample(moving_labels, fixed, composite, sitk.sitkNearestNeighbor, 0,
+                               moving_labels.GetPixelID())
+    jacobian = jacobian_determinant_lps(transform_displacement(composite, grid.reference()))
+    return NetworkOnly(deformable=deformable, composite=composite, warped=warped, jacobian=jacobian,
+                       flow_zyx=np.asarray(flow, dtype=np.float32), warped_labels=labels)
+
+
+def _network_metrics(network: NetworkOnly, fixed, moving, fixed_labels, metrics) -> dict:
+    """ncc_network, folding_percent_network, jacobian_min_network, dice_network: the network-only
+    values with the same definitions as the refined ones."""
+    import torch
+
+    from gvsl import geometry
+    jac = sitk.GetArrayFromImage(network.jacobian)
+    out = {"ncc_network": global_ncc(sitk.GetArrayViewFromImage(fixed), sitk.GetArrayViewFromImage(network.warped),
+                                     overlap_mask(moving, fixed, network.composite)),
+           "folding_percent_network": geometry.folding_percentage(torch.from_numpy(jac)),
+           "jacobian_min_network": float(jac.min())}
+    if network.warped_labels is not None and "dice_after" in metrics:
+        fl = sitk.Resample(fixed_labels, fixed, sitk.Transform(3, sitk.sitkIdentity), sitk.sitkNearestNeighbor, 0,
+                           fixed_labels.GetPixelID())
+        out["dice_network"] = dice_per_label(sitk.GetArrayViewFromImage(fl),
+                                             sitk.GetArrayViewFromImage(network.warped_labels))
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
 # The `gvsl register` command
 # ---------------------------------------------------------------------------------------------
+def _cli_refine(value) -> object:
+    """``--refine N|auto`` -> int or "auto" (a clear error otherwise)."""
+    text = str(value).strip().lower()
+    if text == "auto":
+        return "auto"
+    try:
+        return int(text)
+    except ValueError:
+        raise RegistrationError(f"--refine takes a number of steps or 'auto' (got '{value}'); 0 = network only.") \
+            from None
+
+
 def run_cli(args) -> int:
     """``gvsl register``: read, register, write every output into ``--out``."""
     from gvsl.io import read_volume
@@ -359,7 +483,8 @@ def run_cli(args) -> int:
                       moving_labels=moving_labels, preset=args.preset,
                       network_spacing_mm=args.network_spacing,
                       max_network_voxels=args.max_network_voxels, precision=args.precision,
-                      full_resolution=getattr(args, "full_resolution", False), progress=progress)
+                      full_resolution=getattr(args, "full_resolution", False),
+                      refine=_cli_refine(getattr(args, "refine", "0")), progress=progress)
     files = write_outputs(result, args.out, fixed, moving, overview=not args.no_overview)
     if args.progress == "json":
         print(json.dumps({"event": "done", "task": "register",
