@@ -152,9 +152,12 @@ def registration_overview(fixed: sitk.Image, moving: sitk.Image, result, path) -
     checkerboards fixed/moving before and after; |displacement| in mm (colour bar) with in-plane
     displacement arrows (composite(p) - p, the pull direction: where each fixed point samples
     the moving image); Jacobian determinant (diverging map centred at 1, black contour at 0 =
-    folding). The title holds NCC before/affine/after, folding and Dice.
+    folding). The title holds NCC before/affine/after, folding and Dice. A refined result
+    (``result.network`` set) gets two more columns, the network's own prediction and its
+    checkerboard, beside the refined ones, and the title gives both results' NCC and Dice.
     """
     m = result.metrics
+    network = getattr(result, "network", None)
     moving_phys = sitk.Resample(sitk.Cast(moving, sitk.sitkFloat32), fixed, sitk.Transform(3, sitk.sitkIdentity),
                                 sitk.sitkLinear, 0.0, sitk.sitkFloat32)
     vols = {
@@ -162,6 +165,7 @@ def registration_overview(fixed: sitk.Image, moving: sitk.Image, result, path) -
         "moving": _Volume(moving_phys),
         "affine": _Volume(result.warped_affine),
         "warped": _Volume(result.warped),
+        "network": _Volume(network.warped if network is not None else result.warped),
         "disp": _Volume(result.displacement),
         "jac": _Volume(result.jacobian),
     }
@@ -174,8 +178,14 @@ def registration_overview(fixed: sitk.Image, moving: sitk.Image, result, path) -
     j_hi = max(float(jac.max()), 1.0 + 1e-3)
     jnorm = TwoSlopeNorm(vcenter=1.0, vmin=j_lo, vmax=j_hi)
 
-    columns = ["fixed", "moving (physical)", "warped: affine", "warped: affine + deformable",
-               "checkerboard before", "checkerboard after", "|displacement| (mm)", "Jacobian det"]
+    if network is None:
+        columns = ["fixed", "moving (physical)", "warped: affine", "warped: affine + deformable",
+                   "checkerboard before", "checkerboard after", "|displacement| (mm)", "Jacobian det"]
+    else:
+        columns = ["fixed", "moving (physical)", "warped: affine", "warped: network prediction",
+                   f"warped: refined ({m.get('refine', {}).get('steps', '?')} steps)", "checkerboard before",
+                   "checkerboard: network", "checkerboard: refined", "|displacement| (mm)", "Jacobian det"]
+    c_disp, c_jac = len(columns) - 2, len(columns) - 1
     fig = _new_figure(2.25 * len(columns) + 1.0, 2.35 * len(VIEWS) + 0.9)
     axes = fig.subplots(len(VIEWS), len(columns), squeeze=False)
     mag_im = jac_im = None
@@ -188,11 +198,16 @@ def registration_overview(fixed: sitk.Image, moving: sitk.Image, result, path) -
         gray = dict(cmap="gray", vmin=0.0, vmax=1.0, extent=extent, interpolation="nearest")
         f_s, m_s = _scaled(fixed_sl, win_f), _scaled(mov_sl, win_m)
         a_s, w_s = _scaled(aff_sl, win_m), _scaled(war_sl, win_m)
-        panels = [f_s, m_s, a_s, w_s, _checkerboard(f_s, m_s), _checkerboard(f_s, w_s)]
+        if network is None:
+            panels = [f_s, m_s, a_s, w_s, _checkerboard(f_s, m_s), _checkerboard(f_s, w_s)]
+        else:
+            n_s = _scaled(vols["network"].view(view)[0], win_m)
+            panels = [f_s, m_s, a_s, n_s, w_s, _checkerboard(f_s, m_s), _checkerboard(f_s, n_s),
+                      _checkerboard(f_s, w_s)]
         for c, img in enumerate(panels):
             axes[r, c].imshow(img, **gray)
         # displacement magnitude + arrows (true mm scale unless too small to see)
-        ax = axes[r, 6]
+        ax = axes[r, c_disp]
         vec = vols["disp"].view(view)[0]
         mag_sl = np.sqrt((vec ** 2).sum(-1))
         mag_im = ax.imshow(mag_sl, cmap="magma", vmin=0.0, vmax=mag_max, extent=extent, interpolation="nearest")
@@ -214,7 +229,7 @@ def registration_overview(fixed: sitk.Image, moving: sitk.Image, result, path) -
         ax.set_xlim(extent[0], extent[1])
         ax.set_ylim(extent[2], extent[3])
         # Jacobian
-        ax = axes[r, 7]
+        ax = axes[r, c_jac]
         j_sl = vols["jac"].view(view)[0]
         jac_im = ax.imshow(j_sl, cmap="RdBu_r", norm=jnorm, extent=extent, interpolation="nearest")
         if (j_sl <= 0).any():
@@ -224,10 +239,10 @@ def registration_overview(fixed: sitk.Image, moving: sitk.Image, result, path) -
         for c in range(len(columns)):
             _style(axes[r, c], columns[c] if r == 0 else None, view if c == 0 else None)
             axes[r, c].set_aspect("equal")
-    cb = fig.colorbar(mag_im, ax=list(axes[:, 6]), location="bottom", shrink=0.9, pad=0.01, aspect=15)
+    cb = fig.colorbar(mag_im, ax=list(axes[:, c_disp]), location="bottom", shrink=0.9, pad=0.01, aspect=15)
     cb.set_label("mm" + (f"; {arrow_note}" if arrow_note else "; arrows: true length"), fontsize=8)
     cb.ax.tick_params(labelsize=7)
-    cb = fig.colorbar(jac_im, ax=list(axes[:, 7]), location="bottom", shrink=0.9, pad=0.01, aspect=15)
+    cb = fig.colorbar(jac_im, ax=list(axes[:, c_jac]), location="bottom", shrink=0.9, pad=0.01, aspect=15)
     cb.set_label("det J (1 = volume kept, black line: 0)", fontsize=8)
     cb.ax.tick_params(labelsize=7)
     title = (f"NCC before {_fmt(m.get('ncc_before'))}  ->  affine {_fmt(m.get('ncc_affine'))}  ->  after "
@@ -236,6 +251,11 @@ def registration_overview(fixed: sitk.Image, moving: sitk.Image, result, path) -
              f"max |u| {_fmt(m.get('max_displacement_mm'), '{:.1f}')} mm")
     if m.get("dice_after"):
         title += (f"     Dice {_fmt(m['dice_before'].get('mean'))} -> {_fmt(m['dice_after'].get('mean'))}")
+    if network is not None:
+        title += (f"\nnetwork prediction: NCC {_fmt(m.get('ncc_network'))}"
+                  + (f", Dice {_fmt(m['dice_network'].get('mean'))}" if isinstance(m.get('dice_network'), dict) else "")
+                  + f"   ->   refined on this pair: NCC {_fmt(m.get('ncc_after'))}"
+                  + (f", Dice {_fmt(m['dice_after'].get('mean'))}" if m.get("dice_after") else ""))
     sub = (f"radiological display (patient right on the left); network grid "
            f"{'x'.join(str(v) for v in m.get('network_grid_size', []))} at {m.get('network_spacing_mm', '?')} mm, "
            f"{m.get('device', '')} {m.get('precision', '')}")
