@@ -60,6 +60,7 @@ class GVSLRegistrationWidget(ScriptedLoadableModuleWidget):
         self.ui.applyButton.connect("clicked(bool)", self.onApply)
         self.ui.cancelButton.connect("clicked(bool)", self.onCancel)
         self.ui.overlayAffineRadioButton.connect("toggled(bool)", self.onOverlayChanged)
+        self.ui.overlayNetworkRadioButton.connect("toggled(bool)", self.onOverlayChanged)
         self.ui.opacitySliderWidget.connect("valueChanged(double)", self.onOverlayChanged)
         self.ui.dvfComboBox.connect("currentIndexChanged(int)", self.onDvfChanged)
         self.updateApplyState()
@@ -101,6 +102,9 @@ class GVSLRegistrationWidget(ScriptedLoadableModuleWidget):
             stages = max(int(record.get("stages", 4)), 1)
             self.ui.progressBar.value = int(100 * int(record.get("index", 0)) / stages)
             self.ui.statusLabel.text = record.get("message", "")
+        elif record.get("event") == "step" and record.get("stage") == "refine":
+            self.ui.statusLabel.text = (f"refining on this pair: step {record.get('step')}/{record.get('total')} "
+                                        f"(local NCC {record.get('ncc', 0.0):.3f})")
         elif record.get("event") == "warning":
             logging.warning(f"GVSL: {record.get('message')}")
         slicer.app.processEvents()
@@ -132,7 +136,8 @@ class GVSLRegistrationWidget(ScriptedLoadableModuleWidget):
                     ui.modelPathLineEdit.currentPath, ui.deviceComboBox.currentText,
                     moving_segmentation=ui.movingSegmentationSelector.currentNode(),
                     fixed_segmentation=ui.fixedSegmentationSelector.currentNode(),
-                    outputs=outputs, progress=self.onProgress, cancel=self.cancelToken)
+                    outputs=outputs, progress=self.onProgress, cancel=self.cancelToken,
+                    refine=int(ui.refineStepsSpinBox.value))
             except Cancelled:
                 ui.statusLabel.text = "Cancelled."
                 return
@@ -151,7 +156,8 @@ class GVSLRegistrationWidget(ScriptedLoadableModuleWidget):
         if self.outputs is None or self.outputs.warped_volume is None:
             return
         from GVSLRegistrationLib import choose_overlay, show_overlay
-        stage = "affine" if self.ui.overlayAffineRadioButton.checked else "deformable"
+        stage = ("affine" if self.ui.overlayAffineRadioButton.checked
+                 else "network" if self.ui.overlayNetworkRadioButton.checked else "deformable")
         warped = choose_overlay(self.outputs, stage)
         show_overlay(self.outputs.fixed_volume, warped, self.ui.opacitySliderWidget.value)
 

@@ -6,7 +6,7 @@ from gvsl.cli import main as gvsl_main
 
 def test_demo_end_to_end_writes_summary_and_pictures(tmp_path, capsys):
     out = tmp_path / "demo"
-    rc = gvsl_main(["demo", "--out", str(out), "--n", "3", "--size", "32", "--steps", "2", "--crop", "32",
+    rc = gvsl_main(["demo", "--out", str(out), "--n", "3", "--size", "32", "--steps", "2", "--crop", "32", "--refine", "10",
                     "--device", "cpu", "--progress", "none"])
     assert rc == 0
     printed = capsys.readouterr().out

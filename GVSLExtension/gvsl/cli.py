@@ -196,6 +196,8 @@ def _add_demo(sub) -> None:
     p.add_argument("--batch-size", type=int, default=DEFAULTS["batch_size"],
                    help=f"pairs per step (default {DEFAULTS['batch_size']})")
     p.add_argument("--lr", type=float, default=DEFAULTS["lr"], help=f"Adam learning rate (default {DEFAULTS['lr']})")
+    p.add_argument("--refine", default=DEFAULTS["refine"], metavar="N",
+                   help="test-time refinement steps of each registration (0 = network only; default auto)")
     p.add_argument("--seed", type=int, default=0)
     _device_arg(p)
     _progress_arg(p)

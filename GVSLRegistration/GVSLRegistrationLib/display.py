@@ -12,7 +12,7 @@ import slicer
 from GVSLRegistrationLib.logic import REFERENCE_FIXED, RegistrationOutputs
 
 DVF_MODES = ("none", "glyph", "grid", "contour")
-OVERLAY_STAGES = ("affine", "deformable")
+OVERLAY_STAGES = ("affine", "deformable", "network")
 
 
 def _slice_composites(scene):
@@ -36,11 +36,14 @@ def show_overlay(fixed_node, warped_node, opacity: float = 0.5) -> int:
 
 
 def choose_overlay(outputs: RegistrationOutputs, stage: str) -> Optional[object]:
-    """Foreground = the affine-only result (``stage="affine"``) or affine + deformable
-    (``"deformable"``); the background is the fixed volume. Returns the foreground node."""
+    """Foreground = the affine-only result (``stage="affine"``), the network's prediction before
+    refinement (``"network"``; the final result when the registration was not refined), or the
+    final affine + deformable result (``"deformable"``, refined when refinement ran); the
+    background is the fixed volume. Returns the foreground node."""
     if stage not in OVERLAY_STAGES:
         raise ValueError(f"unknown overlay stage '{stage}'; choose one of {', '.join(OVERLAY_STAGES)}")
-    warped = outputs.warped_affine_volume if stage == "affine" else outputs.warped_volume
+    warped = {"affine": outputs.warped_affine_volume,
+              "network": outputs.warped_network_volume or outputs.warped_volume}.get(stage, outputs.warped_volume)
     if warped is None:
         raise ValueError("no registration result to show yet; run the registration first.")
     fixed = outputs.fixed_volume or warped.GetNodeReference(REFERENCE_FIXED)

@@ -13,6 +13,9 @@ Outputs (:class:`RegistrationOutputs`)
   ``affine_transform`` and it is displayed aligned with the fixed volume: its resampling
   transform is then ``A(p + u(p))``, exactly the engine's composite (see
   :mod:`gvsl_mrml.transforms`). Hardening it there is equivalent to ``warped_volume``.
+* ``warped_network_volume``: with refinement (``refine=N`` in the engine options), the moving
+  volume warped by the network's own prediction, before refinement (the main outputs are the
+  refined ones), so the panel can switch between what GVSL predicted and what refinement added.
 * ``jacobian_volume``: determinant of the Jacobian of the composite on the fixed grid
   (<= 0: folding).
 * ``propagated_segmentation``: the moving segmentation warped onto the fixed volume (same
@@ -54,6 +57,7 @@ class RegistrationOutputs:
     creating new ones."""
     warped_volume: object = None
     warped_affine_volume: object = None
+    warped_network_volume: object = None
     affine_transform: object = None
     deformable_transform: object = None
     jacobian_volume: object = None
@@ -161,7 +165,7 @@ def register_volumes(fixed_node, moving_node, model_path, device: str = "auto", 
         "event": "stage" | "warning", "stage", "index", "stages", "message").
     cancel: a :class:`gvsl.progress.CancelToken` (raises ``gvsl.progress.Cancelled``).
     engine_options: passed to :func:`gvsl.register` (preset, network_spacing_mm,
-        max_network_voxels, precision).
+        max_network_voxels, precision, refine: test-time refinement steps or "auto").
     Returns :class:`RegistrationOutputs` (see the module docstring for frames and references).
     """
     import gvsl.registration
@@ -200,6 +204,11 @@ def register_volumes(fixed_node, moving_node, model_path, device: str = "auto", 
         result.warped, scene, f"{base} warped {OUTPUT_SUFFIX}", node=outputs.warped_volume)
     outputs.warped_affine_volume = gvsl_mrml.sitk_to_volume_node(
         result.warped_affine, scene, f"{base} warped affine {OUTPUT_SUFFIX}", node=outputs.warped_affine_volume)
+    if result.network is not None:
+        outputs.warped_network_volume = gvsl_mrml.sitk_to_volume_node(
+            result.network.warped, scene, f"{base} warped network {OUTPUT_SUFFIX}",
+            node=outputs.warped_network_volume)
+        outputs.warped_network_volume.SetAndObserveTransformNodeID(None)
     outputs.jacobian_volume = gvsl_mrml.sitk_to_volume_node(
         result.jacobian, scene, f"{base} Jacobian {OUTPUT_SUFFIX}", node=outputs.jacobian_volume)
     outputs.affine_transform = gvsl_mrml.affine_to_linear_transform_node(
@@ -224,7 +233,7 @@ def register_volumes(fixed_node, moving_node, model_path, device: str = "auto", 
     metrics = dict(result.metrics)
     if name_to_value:
         metrics["segment_values"] = dict(name_to_value)
-        for key in ("dice_before", "dice_after"):
+        for key in ("dice_before", "dice_network", "dice_after"):
             by_segment = _dice_by_segment(metrics.get(key), name_to_value)
             if by_segment is not None:
                 metrics[f"{key}_by_segment"] = by_segment
@@ -242,21 +251,26 @@ def format_metrics(metrics: dict) -> str:
         value = metrics.get(key)
         return "n/a" if value is None else fmt.format(value)
 
-    lines = [f"NCC: before {num('ncc_before')}, affine {num('ncc_affine')}, after {num('ncc_after')}",
+    lines = [f"NCC: before {num('ncc_before')}, affine {num('ncc_affine')}, after {num('ncc_after')}"
+             + (f" (network prediction {num('ncc_network')}; after = refined, {metrics['refine']['steps']} steps)"
+                if metrics.get("refine") else ""),
              f"Folding: {num('folding_percent', '{:.2f}')} % of voxels (Jacobian "
              f"{num('jacobian_min', '{:.2f}')} .. {num('jacobian_max', '{:.2f}')}); max displacement "
              f"{num('max_displacement_mm', '{:.1f}')} mm"]
     before, after = metrics.get("dice_before_by_segment"), metrics.get("dice_after_by_segment")
+    network = metrics.get("dice_network_by_segment")
     if after:
-        lines.append("Dice (before -> after):")
+        lines.append("Dice (before -> network -> refined):" if network else "Dice (before -> after):")
         for name, value in after.items():
-            if name == "mean":
+            if name == "mean" or value is None:
                 continue
             prev = (before or {}).get(name)
-            lines.append(f"  {name}: {'n/a' if prev is None else f'{prev:.3f}'} -> {value:.3f}")
+            mid = f"{(network or {}).get(name, 0.0):.3f} -> " if network else ""
+            lines.append(f"  {name}: {'n/a' if prev is None else f'{prev:.3f}'} -> {mid}{value:.3f}")
         if after.get("mean") is not None:
             prev = (before or {}).get("mean")
-            lines.append(f"  mean: {'n/a' if prev is None else f'{prev:.3f}'} -> {after['mean']:.3f}")
+            mid = f"{network['mean']:.3f} -> " if network and network.get("mean") is not None else ""
+            lines.append(f"  mean: {'n/a' if prev is None else f'{prev:.3f}'} -> {mid}{after['mean']:.3f}")
     timings = metrics.get("timings_s") or {}
     if timings:
         lines.append(f"{timings.get('total', 0):.1f} s on {metrics.get('device', '?')} ({metrics.get('precision', '?')})")
