@@ -16,7 +16,7 @@ import torch
 from gvsl import geometry
 from gvsl import registration as R
 from gvsl.checkpoint import CheckpointError, save_checkpoint
-from gvsl.network import GVSL
+from gvsl.network import GVSL, ModelConfig
 from gvsl.progress import CancelToken, Cancelled, Progress
 
 FIXED_GEOM = dict(size=(40, 36, 28), spacing=(1.2, 0.9, 1.5), axis=(0.3, 0.2, 1.0), angle=20.0,
@@ -366,7 +366,8 @@ def test_cli_end_to_end(tmp_path, capsys):
     out = tmp_path / "out"
     rc = main(["register", "--fixed", str(paths["fixed"]), "--moving", str(paths["moving"]), "--model", str(model),
                "--out", str(out), "--fixed-labels", str(paths["fixed_labels"]),
-               "--moving-labels", str(paths["moving_labels"]), "--device", "cpu", "--progress", "json"])
+               "--moving-labels", str(paths["moving_labels"]), "--device", "cpu", "--progress", "json",
+               "--refine", "0"])  # network only (refinement: test_cli_refined)
     assert rc == 0
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [r["stage"] for r in lines if r["event"] == "stage"] == list(R.STAGES)
@@ -397,6 +398,33 @@ def test_cli_end_to_end(tmp_path, capsys):
                "--out", str(tmp_path / "out2"), "--progress", "none"])
     err = capsys.readouterr().err
     assert rc == 2 and "2D" in err and "Traceback" not in err
+
+
+def test_cli_refined(tmp_path, capsys):
+    """`gvsl register --refine N`: refinement steps stream as JSON, the network-only files sit beside
+    the refined ones, metrics carry both; a bad --refine is one clear error line."""
+    from gvsl.cli import main
+    paths = {}
+    for name, img in [("fixed", make_image(FIXED_GEOM)), ("moving", make_image(MOVING_GEOM, shift_mm=(3.0, -2.0, 1.0)))]:
+        paths[name] = tmp_path / f"{name}.nii.gz"
+        sitk.WriteImage(img, str(paths[name]))
+    torch.manual_seed(0)
+    model = save_checkpoint(tmp_path / "model.pt", GVSL(ModelConfig(channels=(8, 16, 32, 64, 128, 64, 32, 16, 8))))
+    out = tmp_path / "out"
+    rc = main(["register", "--fixed", str(paths["fixed"]), "--moving", str(paths["moving"]), "--model", str(model),
+               "--out", str(out), "--device", "cpu", "--progress", "json", "--refine", "6", "--no-overview"])
+    assert rc == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["stage"] for r in lines if r["event"] == "stage"] == ["resample", "network", "refine", "export", "metrics"]
+    assert [r["step"] for r in lines if r["event"] == "step" and r.get("stage") == "refine"] == list(range(1, 7))
+    for name in ("warped_network.nii.gz", "deformable_network.nii.gz", "composite_network.h5", "composite.h5"):
+        assert (out / name).exists(), name
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["refine"]["steps"] == 6 and metrics["ncc_network"] is not None and metrics["ncc_after"] is not None
+    rc = main(["register", "--fixed", str(paths["fixed"]), "--moving", str(paths["moving"]), "--model", str(model),
+               "--out", str(tmp_path / "out2"), "--refine", "lots", "--progress", "none"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "--refine" in err and "Traceback" not in err
 
 
 # ---------------------------------------------------------------------------------------------
