@@ -130,6 +130,8 @@ def _add_register(sub) -> None:
                    help="test-time refinement steps on this pair after the network (NCC + smoothness, "
                         "multi-resolution; the network-only result is kept beside it): 0 = network only, "
                         "auto (default) = 150 on a CPU, 400 on a GPU")
+    p.add_argument("--fixed-mask", help="mask of the fixed volume (non-zero = inside): refinement counts the "
+                                        "similarity only there")
     p.add_argument("--no-overview", action="store_true", help="do not draw overview.png")
     _progress_arg(p)
 

@@ -484,7 +484,9 @@ def run_cli(args) -> int:
                       network_spacing_mm=args.network_spacing,
                       max_network_voxels=args.max_network_voxels, precision=args.precision,
                       full_resolution=getattr(args, "full_resolution", False),
-                      refine=_cli_refine(getattr(args, "refine", "0")), progress=progress)
+                      refine=_cli_refine(getattr(args, "refine", "0")),
+                      fixed_mask=read_volume(args.fixed_mask) if getattr(args, "fixed_mask", None) else None,
+                      progress=progress)
     files = write_outputs(result, args.out, fixed, moving, overview=not args.no_overview)
     if args.progress == "json":
         print(json.dumps({"event": "done", "task": "register",
