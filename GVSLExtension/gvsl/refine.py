@@ -19,11 +19,17 @@ Why this parametrisation
   transform (what was predicted stays visible as the "network-only" result), and a good network
   leaves refinement little to do.
 * **Fast on a CPU: multi-resolution, dense correction with smoothing by averaging.** ``delta``
-  is a dense field on a coarse grid (``levels``: downsampling factors, coarse to fine, default
-  quarter then half resolution, most steps at quarter); images are Gaussian-smoothed and
-  resampled per level, the loss is evaluated on that level's grid only (the full-resolution
-  field is never touched while optimising), and the correction is upsampled trilinearly to the
-  full network grid at the end (so it is smooth by construction). The parameter is passed
+  is a dense field on a coarse grid (``levels``: downsampling factors, coarse to fine; CPU
+  default quarter then half resolution, half the steps each; GPU adds a full-resolution level).
+  Coarse levels see Gaussian-smoothed, resampled images; the loss is evaluated on the level's
+  grid only (the full-resolution field is never touched while optimising), and the correction
+  is upsampled trilinearly to the full network grid at the end (so it is smooth by
+  construction). The last level, when coarser than the network grid, samples the *sharp*
+  full-resolution images at its lattice shifted by a random sub-lattice offset each step (as
+  elastix samples voxels): every voxel's edges count, at the cost of the coarse level (measured on
+  a 96^3 brain-phantom pair, 150 steps: Dice 0.941 with blurred half-resolution images, 0.951
+  with jittered sharp sampling, 0.973 adding a cosine learning-rate decay; constant-step Adam
+  jitters by about its step size). The parameter is passed
   through two 3^3 box averages before use (as in ConvexAdam, Siebert et al. 2021): Adam's
   per-voxel steps would otherwise make it noisy, and averaging couples neighbours like a
   coarser B-spline grid without its bookkeeping. Sampling at a level needs no rescaling: with
@@ -51,8 +57,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-DEFAULT_STEPS_CPU = 150  # ~3 s on 2 CPU cores for a 96^3 network grid (Testing/Benchmarks/bench_classical.py)
-DEFAULT_STEPS_GPU = 400  # GPUs do a full-resolution level too (see default_levels)
+DEFAULT_STEPS_CPU = 150  # 96^3 grid: ~10 s on one busy CPU core (Testing/Benchmarks/bench_classical.py)
+DEFAULT_STEPS_GPU = 400  # GPUs also run a full-resolution level (see default_settings)
 
 
 @dataclass(frozen=True)
