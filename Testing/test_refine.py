@@ -12,6 +12,7 @@ import torch
 from gvsl import known_pairs, phantoms, refine as RF
 from gvsl import registration as R
 from gvsl.losses import NCCLoss
+from gvsl.network_only import refine_steps
 from gvsl.progress import CancelToken, Cancelled, Progress
 
 
@@ -121,10 +122,10 @@ def test_refinement_progress_stages_and_cancel(pair, refined, tmp_path):
 
 def test_refine_arguments():
     with pytest.raises(R.RegistrationError, match="steps or 'auto'"):
-        R._refine_steps("many", "cpu")
+        refine_steps("many", "cpu")
     with pytest.raises(R.RegistrationError, match=">= 0"):
-        R._refine_steps(-1, "cpu")
-    assert R._refine_steps("auto", "cpu") == RF.DEFAULT_STEPS_CPU and R._refine_steps(0, "cpu") == 0
+        refine_steps(-1, "cpu")
+    assert refine_steps("auto", "cpu") == RF.DEFAULT_STEPS_CPU and refine_steps(0, "cpu") == 0
     out = RF.refine(np.zeros((6, 6, 6)), np.zeros((6, 6, 6)), np.eye(4), np.ones((3, 6, 6, 6)), 0)
     assert np.array_equal(out.flow, np.ones((3, 6, 6, 6)))
     assert RF.RefineSettings().split(151) == [76, 75]

@@ -171,8 +171,8 @@ def _markdown(s: dict) -> str:
 
 def registration_refine(args):
     """``--refine`` of ``gvsl demo`` -> int or "auto"."""
-    from gvsl.registration import _cli_refine
-    return _cli_refine(getattr(args, "refine", DEFAULTS["refine"]))
+    from gvsl.network_only import cli_refine
+    return cli_refine(getattr(args, "refine", DEFAULTS["refine"]))
 
 
 def run_cli(args) -> int:

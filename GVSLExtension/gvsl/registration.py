@@ -65,7 +65,8 @@ class RegistrationResult:
     warped_labels: moving labels warped with the composite (nearest neighbour), or None.
     grid:          the network grid; ``flow_zyx``: the flow on it (refined when refining), float32
                    (3, z, y, x) voxels, channels (z, y, x); ``mat``: its 4x4 voxel affine.
-    network:       with refinement, the network-only result (:class:`NetworkOnly`), else None.
+    network:       with refinement, the network-only result (:class:`gvsl.network_only.NetworkOnly`),
+                   else None.
     """
 
     affine: sitk.AffineTransform
@@ -80,7 +81,7 @@ class RegistrationResult:
     grid: Optional[Grid] = None
     flow_zyx: Optional[np.ndarray] = None
     mat: Optional[np.ndarray] = None
-    network: Optional["NetworkOnly"] = None
+    network: Optional[object] = None  # gvsl.network_only.NetworkOnly
 
 
 # ---------------------------------------------------------------------------------------------
@@ -222,7 +223,8 @@ def register(fixed: sitk.Image, moving: sitk.Image, model, device="auto", *,
     warnings: list = []
 
     from gvsl import refine as refine_mod
-    steps = _refine_steps(refine, device)
+    from gvsl.network_only import network_metrics, network_only, refine_steps
+    steps = refine_steps(refine, device)
     stages = STAGES if steps == 0 else STAGES[:2] + ("refine",) + STAGES[2:]
 
     def stage(i: int, name: str, message: str) -> None:
@@ -297,7 +299,7 @@ def register(fixed: sitk.Image, moving: sitk.Image, model, device="auto", *,
         refined = refine_mod.refine(fixed_net.array_zyx, moving_net.array_zyx, mat, flow, steps,
                                     fixed_mask_zyx=mask_zyx, settings=refine_settings, device=inference.device,
                                     progress=progress, cancel=cancel)
-        network = _network_only(fixed, moving, moving_labels, mat, flow, grid)
+        network = network_only(fixed, moving, moving_labels, mat, flow, grid)
         flow = np.ascontiguousarray(refined.flow, dtype=np.float32)
         timings["refine"] = time.perf_counter() - t0
     del fixed_net, moving_net
@@ -357,7 +359,7 @@ def register(fixed: sitk.Image, moving: sitk.Image, model, device="auto", *,
         metrics["dice_affine"] = dice_per_label(fl_arr, sitk.GetArrayViewFromImage(affine_labels))
         metrics["dice_after"] = dice_per_label(fl_arr, sitk.GetArrayViewFromImage(warped_labels))
     if network is not None:
-        metrics.update(_network_metrics(network, fixed, moving, fixed_labels, metrics))
+        metrics.update(network_metrics(network, fixed, moving, fixed_labels, metrics))
         metrics["refine"] = {"steps": steps, "seconds": round(refined.seconds, 3),
                              "levels": [list(v) for v in (refine_settings or refine_mod.default_settings(
                                  inference.device)).levels],
@@ -388,91 +390,12 @@ def register(fixed: sitk.Image, moving: sitk.Image, model, device="auto", *,
 
 
 # ---------------------------------------------------------------------------------------------
-# Refinement helpers: the network-only result kept beside the refined one
-# ---------------------------------------------------------------------------------------------
-@dataclass
-class NetworkOnly:
-    """What the network alone predicted, when a registration was refined: ``deformable`` and
-    ``composite`` (same conventions as :class:`RegistrationResult`), ``warped`` (moving on the
-    fixed grid, linear), ``warped_labels`` (or None), ``jacobian`` on the network grid, and the
-    network's ``flow_zyx`` (3, z, y, x) voxels."""
-
-    deformable: sitk.DisplacementFieldTransform
-    composite: sitk.CompositeTransform
-    warped: sitk.Image
-    jacobian: sitk.Image
-    flow_zyx: np.ndarray
-    warped_labels: Optional[sitk.Image] = None
-
-
-def _refine_steps(refine, device) -> int:
-    from gvsl import refine as refine_mod
-    if refine in (None, False):
-        return 0
-    if isinstance(refine, str):
-        if refine != "auto":
-            raise RegistrationError(f"refine must be a number of steps or 'auto' (got '{refine}').")
-        from gvsl.device import select_device
-        dev = device if hasattr(device, "type") else select_device(device)
-        return refine_mod.default_steps(dev)
-    steps = int(refine)
-    if steps < 0:
-        raise RegistrationError(f"refine must be >= 0 steps (got {steps}); 0 means network only.")
-    return steps
-
-
-def _network_only(fixed, moving, moving_labels, mat, flow, grid) -> NetworkOnly:
-    affine = affine_to_sitk(mat, grid)
-    deformable = sitk.DisplacementFieldTransform(flow_to_displacement_lps(flow, grid))
-    composite = sitk.CompositeTransform([affine, deformable])
-    warped = sitk.Resample(sitk.Cast(moving, sitk.sitkFloat32), fixed, composite, sitk.sitkLinear, 0.0,
-                           sitk.sitkFloat32)
-    labels = None
-    if moving_labels is not None:
-        labels = sitk.Resample(moving_labels, fixed, composite, sitk.sitkNearestNeighbor, 0,
-                               moving_labels.GetPixelID())
-    jacobian = jacobian_determinant_lps(transform_displacement(composite, grid.reference()))
-    return NetworkOnly(deformable=deformable, composite=composite, warped=warped, jacobian=jacobian,
-                       flow_zyx=np.asarray(flow, dtype=np.float32), warped_labels=labels)
-
-
-def _network_metrics(network: NetworkOnly, fixed, moving, fixed_labels, metrics) -> dict:
-    """ncc_network, folding_percent_network, jacobian_min_network, dice_network: the network-only
-    values with the same definitions as the refined ones."""
-    import torch
-
-    from gvsl import geometry
-    jac = sitk.GetArrayFromImage(network.jacobian)
-    out = {"ncc_network": global_ncc(sitk.GetArrayViewFromImage(fixed), sitk.GetArrayViewFromImage(network.warped),
-                                     overlap_mask(moving, fixed, network.composite)),
-           "folding_percent_network": geometry.folding_percentage(torch.from_numpy(jac)),
-           "jacobian_min_network": float(jac.min())}
-    if network.warped_labels is not None and "dice_after" in metrics:
-        fl = sitk.Resample(fixed_labels, fixed, sitk.Transform(3, sitk.sitkIdentity), sitk.sitkNearestNeighbor, 0,
-                           fixed_labels.GetPixelID())
-        out["dice_network"] = dice_per_label(sitk.GetArrayViewFromImage(fl),
-                                             sitk.GetArrayViewFromImage(network.warped_labels))
-    return out
-
-
-# ---------------------------------------------------------------------------------------------
 # The `gvsl register` command
 # ---------------------------------------------------------------------------------------------
-def _cli_refine(value) -> object:
-    """``--refine N|auto`` -> int or "auto" (a clear error otherwise)."""
-    text = str(value).strip().lower()
-    if text == "auto":
-        return "auto"
-    try:
-        return int(text)
-    except ValueError:
-        raise RegistrationError(f"--refine takes a number of steps or 'auto' (got '{value}'); 0 = network only.") \
-            from None
-
-
 def run_cli(args) -> int:
     """``gvsl register``: read, register, write every output into ``--out``."""
     from gvsl.io import read_volume
+    from gvsl.network_only import cli_refine
     from gvsl.progress import Progress, json_safe
     progress = Progress(total=len(STAGES), mode=args.progress, task="register")
     fixed = read_volume(args.fixed)
@@ -484,7 +407,7 @@ def run_cli(args) -> int:
                       network_spacing_mm=args.network_spacing,
                       max_network_voxels=args.max_network_voxels, precision=args.precision,
                       full_resolution=getattr(args, "full_resolution", False),
-                      refine=_cli_refine(getattr(args, "refine", "0")),
+                      refine=cli_refine(getattr(args, "refine", "0")),
                       fixed_mask=read_volume(args.fixed_mask) if getattr(args, "fixed_mask", None) else None,
                       progress=progress)
     files = write_outputs(result, args.out, fixed, moving, overview=not args.no_overview)
