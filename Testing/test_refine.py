@@ -128,7 +128,7 @@ def test_refine_arguments():
     assert refine_steps("auto", "cpu") == RF.DEFAULT_STEPS_CPU and refine_steps(0, "cpu") == 0
     out = RF.refine(np.zeros((6, 6, 6)), np.zeros((6, 6, 6)), np.eye(4), np.ones((3, 6, 6, 6)), 0)
     assert np.array_equal(out.flow, np.ones((3, 6, 6, 6)))
-    assert RF.RefineSettings().split(151) == [76, 75]
+    assert RF.RefineSettings().split(151) == [68, 68, 15] and sum(RF.RefineSettings().split(7)) == 7
 
 
 def test_mask_restricts_the_similarity(pair):
