@@ -209,7 +209,8 @@ def register(fixed: sitk.Image, moving: sitk.Image, model, device="auto", *,
     jacobian_max, dice_before / dice_affine / dice_after (per label and "mean", when both label
     maps are given), max_displacement_mm; with refinement also ncc_network, dice_network,
     folding_percent_network, jacobian_min_network (the network-only values, same definitions)
-    and ``refine`` (steps, seconds, levels, local NCC of the first and last step); timings_s, device, precision, network_grid_size
+    and ``refine`` (steps, seconds, levels, local NCC of the first and last step, each on its
+    level's grid and window, so not comparable across levels); timings_s, device, precision, network_grid_size
     (x, y, z), network_spacing_mm, preset ({fixed, moving, source}), preprocessing (the spec),
     displacement_grid ("network" | "fixed"), affine_matrix_lps / affine_translation_lps_mm /
     affine_center_lps_mm, warnings (list of str).
