@@ -84,7 +84,7 @@ def main(argv=None) -> int:
         for fpath in fixed_paths:
             fixed = sitk.ReadImage(str(fpath))
             fixed_labels = sitk.ReadImage(str(labels_dir / fpath.name))
-            row = {"moving": mpath.name, "fixed": fpath.name}
+            row = {"moving": f"held-out/{mpath.name}", "fixed": f"train/{fpath.name}"}
             for name, model in (("pretrained", trained), ("untrained", untrained)):
                 res = R.register(fixed, moving, model, "cpu", fixed_labels=fixed_labels, moving_labels=moving_labels,
                                  refine=args.refine)
