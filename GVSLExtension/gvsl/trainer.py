@@ -333,7 +333,7 @@ class Trainer:
             for k in task.loss_terms:
                 self.history[k].append(terms[k])
             self.progress.update(self.step, lr=cfg.lr, **terms)
-            if validate_every and (self.step % validate_every == 0 or self.step == cfg.steps):
+            if validate_every and self.step % validate_every == 0:  # multiples only: resume stays exact
                 self._validate()
             if cfg.save_every and self.step % cfg.save_every == 0 and self.step < cfg.steps:
                 path = self.save(self.last_name)

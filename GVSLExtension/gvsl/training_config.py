@@ -68,9 +68,11 @@ def _plain(value):
 def resolve_resume_config(config, saved: dict, done_steps: int, warn: Callable[[str], None] = lambda m: None):
     """The settings of a resumed run: the saved ones, with ``steps``/``lr`` as given now.
 
-    A field left at its default takes the saved value; a field given now with another value
-    than the saved one raises :class:`TrainingError` naming the option (``--crop``), except
-    ``CHANGEABLE_ON_RESUME`` (reported through ``warn``) and ``IGNORED_ON_RESUME``.
+    A field equal to its default counts as not given and takes the saved value (so
+    ``gvsl pretrain --resume --images ... --out ...`` continues the interrupted run's 5000 steps,
+    not the default 1000); a field given now with another value than the saved one raises
+    :class:`TrainingError` naming the option (``--crop``), except ``CHANGEABLE_ON_RESUME``
+    (used as given, reported through ``warn``) and ``IGNORED_ON_RESUME``.
     """
     updates = {}
     for f in fields(config):
@@ -89,7 +91,9 @@ def resolve_resume_config(config, saved: dict, done_steps: int, warn: Callable[[
             updates[f.name] = saved[f.name]
             continue
         if f.name in CHANGEABLE_ON_RESUME:
-            warn(f"resuming with {option_name(config, f.name)} {now} (the interrupted run had {before})")
+            if f.name != "steps":  # a new --lr changes the trajectory: say so; more steps is routine
+                warn(f"resuming with {option_name(config, f.name)} {now} (the interrupted run had {before}): "
+                     "the run no longer repeats an uninterrupted one exactly")
             continue
         raise TrainingError(
             f"--resume: {option_name(config, f.name)} was {before!r} in the interrupted run, now {now!r}. "
