@@ -161,7 +161,33 @@ def test_torchrun_gloo_two_ranks_hold_identical_weights(tmp_path, heart_files):
     assert r0["step"] == r1["step"] == 2
     assert r0["sha256"] == r1["sha256"]
     assert r0["losses"] == r1["losses"]  # logged losses are the mean over ranks, the same everywhere
-    # only rank 0 writes checkpoints, and the checkpoint records both ranks' data streams
+    # rank 0 preprocessed and cached the 3 volumes before rank 1 started, which read the cache
+    assert r0["npy_before_load"] == 0 and r1["npy_before_load"] == 3
+    # only rank 0 writes checkpoints, and the resumable checkpoint records both ranks' data streams
+    # (gvsl_final.pt holds weights + metadata only since issue 8)
     from gvsl.checkpoint import load_checkpoint
-    ckpt = load_checkpoint(out / "gvsl_final.pt")
+    ckpt = load_checkpoint(out / "gvsl_last.pt")
     assert ckpt["world_size"] == 2 and len(ckpt["rng"]["generators"]) == 2
+    assert load_checkpoint(out / "gvsl_final.pt")["world_size"] == 2
+
+
+def _torchrun(out, heart_files, mode, timeout):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT / "GVSLExtension"), GVSL_TEST_MODE=mode)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(ROOT / "Testing" / "ddp_worker.py"), str(out), *heart_files]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def test_torchrun_gloo_a_non_finite_loss_on_one_rank_stops_both(tmp_path, heart_files):
+    out = tmp_path / "ddp_nan"
+    out.mkdir()
+    proc = _torchrun(out, heart_files, "nan", timeout=300)  # a hang would end here as TimeoutExpired
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r0 = json.loads((out / "rank0.json").read_text())
+    r1 = json.loads((out / "rank1.json").read_text())
+    # both ranks stopped at the same step with the same collective message naming the rank
+    assert r0["step"] == r1["step"] == 1
+    assert r0["error"] == r1["error"] and r0["collective"] and r1["collective"]
+    assert "the loss became nan at step 2 on rank 1 of 2" in r0["error"]
+    assert "--lr" in r0["error"] and "--resume" in r0["error"]
+    assert r0["sha256"] == r1["sha256"]  # nobody took the bad step
