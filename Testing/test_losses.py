@@ -5,6 +5,7 @@ The references below restate ``utils/losses.py`` of the published GVSL code (``n
 ``compute_local_sums``: a full window^3 ones-kernel conv3d, zero padding; ``gradient_loss`` l2;
 ``MSE``) in float64; they share no code with gvsl.losses.
 """
+import math
 import subprocess
 import sys
 from types import SimpleNamespace
@@ -143,7 +144,10 @@ def test_monai_lncc_agrees_on_textured_images_and_differs_on_flat_ones():
     zeros = torch.zeros(SHAPE)
     assert float(1 + lncc(zeros, zeros)) == float(ours(zeros, zeros)) == 1.0
     c = torch.full(SHAPE, 0.3)
-    assert float(1 + lncc(c, c)) < 0.0 < 0.25 < float(ours(c, c))  # MONAI's cc > 1: not a bounded loss there
+    # ours is defined by the epsilon alone (0.2545 for any thread count); MONAI's value there is
+    # rounding noise divided by a clamp (measured -0.338 with 1 thread, 0.106 with 2): not usable
+    assert 0.25 < float(ours(c, c)) < 0.26
+    assert math.isfinite(float(lncc(c, c)))
     noise = rand(11)
     for std, min_gap in ((1e-3, 0.2), (3e-2, 0.0)):
         a = 0.2 + std * noise
