@@ -73,10 +73,12 @@ import torch
 
 from gvsl import checkpoint, distributed
 from gvsl.device import choose_precision, describe
-from gvsl.distributed import DistInfo, init_distributed  # noqa: F401 (API for tasks)
+from gvsl.distributed import DistInfo, init_distributed
 from gvsl.progress import CancelToken, Progress
-from gvsl.training_config import (TrainingError, check_common_settings, option_name,  # noqa: F401 (API)
-                                  resolve_resume_config)
+from gvsl.training_config import TrainingError, check_common_settings, option_name, resolve_resume_config
+
+__all__ = ["DistInfo", "Trainer", "TrainingError", "TrainingTask", "check_common_settings", "init_distributed",
+           "option_name", "resolve_resume_config", "run_task"]
 
 # ----------------------------------------------------------------------------------------
 # the task interface
@@ -124,6 +126,10 @@ class TrainingTask:
 
     def title(self, trainer: "Trainer") -> str:
         return self.name
+
+    def describe_data(self) -> dict:
+        """Extra fields of the "start" progress event (e.g. the number of volumes)."""
+        return {}
 
 
 # ----------------------------------------------------------------------------------------
@@ -319,7 +325,7 @@ class Trainer:
             checkpoint.atomic_write_text(self.out / "config.json", json.dumps(cfg.to_dict(), indent=2))
         self.progress.event("start", device=describe(self.device), precision=self.precision.name,
                             world_size=self.dist.world_size, step=self.step, steps=cfg.steps,
-                            **self._start_fields())
+                            **self.task.describe_data())
         t0 = time.perf_counter()
         status = "done"
         validate_every = int(getattr(cfg, "validate_every", 0) or 0)
@@ -351,10 +357,6 @@ class Trainer:
             summary.update(self._write_reports())
             self.progress.event(status, **summary)
         return summary
-
-    def _start_fields(self) -> dict:
-        describe_data = getattr(self.task, "describe_data", None)
-        return describe_data() if callable(describe_data) else {}
 
     def _write_reports(self) -> dict:
         checkpoint.atomic_write_text(self.out / "history.json", json.dumps(self.history))
