@@ -47,11 +47,24 @@ Writing a task (e.g. fine-tuning; :mod:`gvsl.train` is the pre-training task)::
             return {"dice_mean": ..., "dice_LV": ...}  # floats; must NOT use trainer.generator
         def checkpoint_fields(self, trainer):      # saved in every checkpoint
             return {"kind": self.kind, "preprocessing": spec.to_dict(), "labels": table.to_dict()}
-        # optional: save_checkpoint(path, model, step, extra) / read_checkpoint(path) when the model
-        # is not a GVSL network for gvsl.checkpoint; state_dict()/load_state_dict() for task state;
-        # parameters(model) for what the optimizer trains (e.g. only out_conv in linear mode).
+        # optional overrides:
+        #  save_checkpoint(trainer, path, model, extra) -> Path and read_checkpoint(path) -> dict when
+        #    the model is not a GVSL network for gvsl.checkpoint (write atomically:
+        #    checkpoint.atomic_write; read with torch.load(weights_only=True)). ``extra`` holds
+        #    history, train_config, world_size, best (+ optimizer, rng, scaler, task_state when
+        #    resumable; + validation in P_best.pt); read_checkpoint must give back those keys plus
+        #    "state_dict", "step", "kind" (and "model_config" for messages);
+        #  state_dict()/load_state_dict(d): task state that resume must restore;
+        #  parameters(model): what the optimizer trains (e.g. only out_conv in linear mode; frozen
+        #    parameters need requires_grad=False, set in build_model);
+        #  describe_data() -> dict for the "start" event; title(trainer) for the PNG titles.
 
     summary = run_task(FinetuneTask(...), config, callback=None, cancel=None)
+
+Progress events (JSON lines): start, resumed, warning, step (with every loss term and lr),
+validation (metrics, best), checkpoint, done / cancelled (the summary). ``run()``'s summary: status,
+step, steps, checkpoint, seconds, device, precision, world_size, history, loss_curve, <term>_first,
+<term>_last, best {metric, value, step, checkpoint}, stopped_by (cancelled only).
 
 ``config``: a dataclass with at least ``out, steps, batch_size, lr, device, precision, seed,
 save_every, progress, resume`` (optional ``validate_every``: 0 = never) and ``to_dict()``; check
