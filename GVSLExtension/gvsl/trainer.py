@@ -47,11 +47,24 @@ Writing a task (e.g. fine-tuning; :mod:`gvsl.train` is the pre-training task)::
             return {"dice_mean": ..., "dice_LV": ...}  # floats; must NOT use trainer.generator
         def checkpoint_fields(self, trainer):      # saved in every checkpoint
             return {"kind": self.kind, "preprocessing": spec.to_dict(), "labels": table.to_dict()}
-        # optional: save_checkpoint(path, model, step, extra) / read_checkpoint(path) when the model
-        # is not a GVSL network for gvsl.checkpoint; state_dict()/load_state_dict() for task state;
-        # parameters(model) for what the optimizer trains (e.g. only out_conv in linear mode).
+        # optional overrides:
+        #  save_checkpoint(trainer, path, model, extra) -> Path and read_checkpoint(path) -> dict when
+        #    the model is not a GVSL network for gvsl.checkpoint (write atomically:
+        #    checkpoint.atomic_write; read with torch.load(weights_only=True)). ``extra`` holds
+        #    history, train_config, world_size, best (+ optimizer, rng, scaler, task_state when
+        #    resumable; + validation in P_best.pt); read_checkpoint must give back those keys plus
+        #    "state_dict", "step", "kind" (and "model_config" for messages);
+        #  state_dict()/load_state_dict(d): task state that resume must restore;
+        #  parameters(model): what the optimizer trains (e.g. only out_conv in linear mode; frozen
+        #    parameters need requires_grad=False, set in build_model);
+        #  describe_data() -> dict for the "start" event; title(trainer) for the PNG titles.
 
     summary = run_task(FinetuneTask(...), config, callback=None, cancel=None)
+
+Progress events (JSON lines): start, resumed, warning, step (with every loss term and lr),
+validation (metrics, best), checkpoint, done / cancelled (the summary). ``run()``'s summary: status,
+step, steps, checkpoint, seconds, device, precision, world_size, history, loss_curve, <term>_first,
+<term>_last, best {metric, value, step, checkpoint}, stopped_by (cancelled only).
 
 ``config``: a dataclass with at least ``out, steps, batch_size, lr, device, precision, seed,
 save_every, progress, resume`` (optional ``validate_every``: 0 = never) and ``to_dict()``; check
@@ -73,10 +86,12 @@ import torch
 
 from gvsl import checkpoint, distributed
 from gvsl.device import choose_precision, describe
-from gvsl.distributed import DistInfo, init_distributed  # noqa: F401 (API for tasks)
+from gvsl.distributed import DistInfo, init_distributed
 from gvsl.progress import CancelToken, Progress
-from gvsl.training_config import (TrainingError, check_common_settings, option_name,  # noqa: F401 (API)
-                                  resolve_resume_config)
+from gvsl.training_config import TrainingError, check_common_settings, option_name, resolve_resume_config
+
+__all__ = ["DistInfo", "Trainer", "TrainingError", "TrainingTask", "check_common_settings", "init_distributed",
+           "option_name", "resolve_resume_config", "run_task"]
 
 # ----------------------------------------------------------------------------------------
 # the task interface
@@ -124,6 +139,10 @@ class TrainingTask:
 
     def title(self, trainer: "Trainer") -> str:
         return self.name
+
+    def describe_data(self) -> dict:
+        """Extra fields of the "start" progress event (e.g. the number of volumes)."""
+        return {}
 
 
 # ----------------------------------------------------------------------------------------
@@ -319,7 +338,7 @@ class Trainer:
             checkpoint.atomic_write_text(self.out / "config.json", json.dumps(cfg.to_dict(), indent=2))
         self.progress.event("start", device=describe(self.device), precision=self.precision.name,
                             world_size=self.dist.world_size, step=self.step, steps=cfg.steps,
-                            **self._start_fields())
+                            **self.task.describe_data())
         t0 = time.perf_counter()
         status = "done"
         validate_every = int(getattr(cfg, "validate_every", 0) or 0)
@@ -351,10 +370,6 @@ class Trainer:
             summary.update(self._write_reports())
             self.progress.event(status, **summary)
         return summary
-
-    def _start_fields(self) -> dict:
-        describe_data = getattr(self.task, "describe_data", None)
-        return describe_data() if callable(describe_data) else {}
 
     def _write_reports(self) -> dict:
         checkpoint.atomic_write_text(self.out / "history.json", json.dumps(self.history))
