@@ -72,6 +72,7 @@ from typing import Optional, Sequence, Tuple, Union
 import torch
 
 from gvsl import geometry
+from gvsl.errors import GVSLError
 
 Range = Union[float, Tuple[float, float]]
 
@@ -84,7 +85,7 @@ ELASTIC_LATTICE_SPACING = 0.5  # coarse noise spacing h, in units of sigma
 ELASTIC_RADIUS = 4.0           # Gaussian support, in sigmas (as the reference / scipy)
 
 
-class AugmentError(ValueError):
+class AugmentError(GVSLError, ValueError):
     """Invalid input to the augmentation functions, with what is wrong and how to fix it."""
 
 

@@ -17,7 +17,7 @@ import json
 import time
 from pathlib import Path
 
-from gvsl.checkpoint import atomic_write_text
+from gvsl.fsio import atomic_write_text
 from gvsl.progress import Progress
 
 DEFAULTS = {"n": 6, "size": 64, "steps": 60, "crop": 48, "batch_size": 1, "lr": 1e-4}

@@ -31,17 +31,19 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
 import numpy as np
 import SimpleITK as sitk
 
+from gvsl.errors import GVSLError, GVSLWarning
+
 PathLike = Union[str, os.PathLike]
 
 IMAGE_EXTENSIONS = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
 MIN_SIZE_VOXELS = 4
 CACHE_VERSION = 2  # 2: the gvsl.preprocessing contract (canonical orientation, centred grid)
 
-class VolumeError(ValueError):
+class VolumeError(GVSLError, ValueError):
     """A volume (or set of volumes) that cannot be used, with what is wrong and what to do."""
 
 
-class VolumeWarning(UserWarning):
+class VolumeWarning(GVSLWarning):
     """Something in a volume was repaired (e.g. NaN voxels); the message names the file."""
 
 
@@ -218,16 +220,17 @@ def read_volume(path: PathLike) -> sitk.Image:
 
 
 def write_image_atomic(image: sitk.Image, path: PathLike, compress: bool = True) -> Path:
-    """Write ``image`` with SimpleITK to ``path`` via a temporary file and a rename.
+    """Write ``image`` with SimpleITK to ``path`` via a verified temporary file and a rename
+    (:func:`gvsl.fsio.write_image`: a truncated write is an error, the old file stays).
 
     The format follows ``path``'s extension (e.g. ``.nii.gz``, ``.nrrd``, ``.mha``); formats
     that write a second data file (``.mhd``, ``.nhdr``) are refused, a rename cannot move both.
     """
     if str(path).lower().endswith((".mhd", ".nhdr")):
         raise VolumeError(f"{path}: write .mha or .nrrd instead of a header + data file pair")
-    from gvsl.checkpoint import atomic_write  # the one atomic writer (imported on use: it loads torch)
+    from gvsl.fsio import write_image  # the one atomic, verified writer
 
-    return atomic_write(path, lambda tmp: sitk.WriteImage(image, tmp, compress))
+    return write_image(image, path, compress)
 
 
 # ---------------------------------------------------------------------------------------
@@ -322,7 +325,7 @@ class VolumeCache:
                 warnings.warn(note, VolumeWarning, stacklevel=2)
             array = prepared.array_zyx
             if disk is not None:
-                from gvsl.checkpoint import atomic_write
+                from gvsl.fsio import atomic_write
 
                 def write(tmp: str, a=array) -> None:
                     with open(tmp, "wb") as f:

@@ -32,6 +32,7 @@ from typing import Optional
 import numpy as np
 import SimpleITK as sitk
 
+from gvsl.errors import GVSLError
 from gvsl.export import summary, write_outputs, write_transform  # noqa: F401 - the public API
 from gvsl.grid import (Grid, NetworkGrid, affine_to_sitk, boxes_overlap, displacement_on_grid,  # noqa: F401
                        flow_to_displacement_lps, jacobian_determinant_lps, transform_displacement)
@@ -41,7 +42,7 @@ DEFAULT_MAX_NETWORK_VOXELS = 160 ** 3  # ~4.1 M voxels: a CPU forward pass fits 
 STAGES = ("resample", "network", "export", "metrics")
 
 
-class RegistrationError(ValueError):
+class RegistrationError(GVSLError, ValueError):
     """Inputs that cannot be registered, with what is wrong and what to do."""
 
 

@@ -33,6 +33,7 @@ import torch.distributed as dist
 
 from gvsl import augment, checkpoint, losses
 from gvsl.device import choose_precision, describe, select_device
+from gvsl.errors import GVSLError
 from gvsl.network import GVSL, ModelConfig
 from gvsl.progress import CancelToken, Progress
 
@@ -41,7 +42,7 @@ FINAL = "gvsl_final.pt"
 LOSS_TERMS = ("loss", "ncc", "smooth", "mse")
 
 
-class TrainingError(ValueError):
+class TrainingError(GVSLError, ValueError):
     """A problem with the training inputs or state, with what to do about it."""
 
 
