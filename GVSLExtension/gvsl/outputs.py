@@ -79,7 +79,7 @@ def check_writable(out: PathLike) -> Path:
         raise OutputFolderError(f"--out {out} is a file, not a folder; pass a folder (it is created if missing).")
     try:
         out.mkdir(parents=True, exist_ok=True)
-    except FileExistsError:
+    except (FileExistsError, NotADirectoryError):
         raise OutputFolderError(f"--out {out}: a part of the path is a file, not a folder; pass another --out.") from None
     except OSError as exc:
         if is_environment_fault(exc):
