@@ -132,7 +132,12 @@ def test_pretrain_overwrite_moves_aside_and_restores_on_failure(tmp_path):
     folder = RunFolder(tmp_path, "pretrain", overwrite=True, lock=True).prepare()
     assert not (tmp_path / "gvsl_final.pt").exists() and folder.replaced_names
     (tmp_path / "gvsl_last.pt").write_text("new run, step 1")
-    folder.close(ok=False)  # the new run failed: the earlier run is back, exactly
+    with pytest.warns(UserWarning, match="the run failed, so the earlier run .* was put back"):
+        folder.close(ok=False)  # the new run failed: the earlier run is back, exactly
+    failed = [p for p in tmp_path.iterdir() if p.name.startswith("failed-run-")]
+    assert len(failed) == 1 and (failed[0] / "gvsl_last.pt").read_text() == "new run, step 1"
+    failed[0].joinpath("gvsl_last.pt").unlink()
+    failed[0].rmdir()
     assert {p.name: sha(p) for p in tmp_path.iterdir()} == before
     folder = RunFolder(tmp_path, "pretrain", overwrite=True, lock=True).prepare()
     (tmp_path / "gvsl_last.pt").write_text("new")

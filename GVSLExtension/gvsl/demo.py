@@ -58,7 +58,7 @@ def run_demo(out: str | Path = "demo-output", *, n: int = DEFAULTS["n"], size: i
     summary_train = pretrain(PretrainConfig(
         images=[str(p) for p in train_images], out=str(out / "pretrain"), preset="ct", steps=steps,
         batch_size=batch_size, crop=crop, lr=lr, device=device, seed=seed, save_every=max(steps // 2, 1),
-        progress=progress))
+        progress=progress, overwrite=True))  # the demo's own sub-folder: a re-run replaces it
     timings["pretrain_s"] = round(time.perf_counter() - t, 1)
     report.update(2)
 

@@ -52,7 +52,7 @@ class IncompleteFile(Exception):
     """A written (or read) file failed a completeness check; the message says which."""
 
 
-class WriteFailed(Exception):
+class WriteFailed(RuntimeError):
     """The writer itself reported a failure (e.g. SimpleITK's RuntimeError); the message says it."""
 
 
@@ -214,6 +214,28 @@ def _fsync_folder(folder: Path) -> None:
         os.close(fd)
 
 
+def out_of_space(tmp: PathLike) -> Optional[str]:
+    """Why a write into ``tmp`` may have failed for lack of space, or None: the file system
+    has (almost) no free blocks, or ``tmp`` reached the process's file-size limit. Used when
+    a writer fails with its own exception (``torch.save`` raises RuntimeError on EFBIG/ENOSPC,
+    SimpleITK its RuntimeError) rather than an ``OSError``."""
+    tmp = Path(tmp)
+    try:
+        st = os.statvfs(tmp.parent)
+        if st.f_bavail * st.f_frsize < (1 << 20):
+            return "no free space left on the file system"
+    except (OSError, AttributeError):
+        pass
+    try:
+        import resource
+        soft = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+        if soft != resource.RLIM_INFINITY and tmp.exists() and os.path.getsize(tmp) >= soft - (1 << 16):
+            return f"the file reached the process's file-size limit ({soft} bytes)"
+    except (ImportError, OSError, ValueError):
+        pass
+    return None
+
+
 def _nothing_replaced(path: Path, existed: bool) -> str:
     return (f"{path.name} keeps its previous content" if existed
             else f"{path.name} was not written")
@@ -241,7 +263,16 @@ def atomic_write(path: PathLike, write: Callable[[str], None],
     try:
         try:
             os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))  # umask applies
-            write(str(tmp))
+            try:
+                write(str(tmp))
+            except (OSError, IncompleteFile, GVSLError):
+                raise
+            except Exception as exc:  # noqa: BLE001 - a writer's own error: was it the disk?
+                reason = out_of_space(tmp)
+                if reason is None:
+                    raise
+                detail = str(exc) if isinstance(exc, WriteFailed) else f"{type(exc).__name__} from the writer"
+                raise IncompleteFile(f"{detail}; {reason}") from exc
             _fsync(tmp)
             check_complete(tmp, kind=path.name)
             if verify is not None:

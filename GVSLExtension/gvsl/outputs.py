@@ -21,7 +21,8 @@
   and moves them in only once all are written and verified, then removes the earlier run's
   leftovers (e.g. an ``overview.png`` that ``--no-overview`` would not replace); ``pretrain``
   moves the earlier run's files into a hidden ``.gvsl-replaced-<pid>`` folder first, removes it
-  when the new run ends, and puts them back if the new run fails;
+  when the new run ends, and puts them back if the new run fails (the failed run's own files
+  then go to ``failed-run-<time>-<pid>/``, where ``--resume`` can continue it);
 * ``lock=True`` (pre-training) holds ``.gvsl.lock`` for the whole run: a second process gets an
   error naming the first one's PID. The lock is an ``flock`` on that file, released by the
   kernel when its holder dies, so the lock of a killed run is simply taken over;
@@ -374,7 +375,7 @@ class RunFolder:
     # -- the end -------------------------------------------------------------------------
     def close(self, ok: bool) -> None:
         """End the run: drop the staging folder; pre-training's replaced earlier run is removed
-        (``ok``) or put back (failure, after removing the failed run's files); release the lock."""
+        (``ok``) or put back (failure, the failed run's files moved aside); release the lock."""
         try:
             if self._staging is not None:
                 shutil.rmtree(self._staging, ignore_errors=True)
@@ -383,9 +384,7 @@ class RunFolder:
                 if ok:
                     shutil.rmtree(self._replaced, ignore_errors=True)
                 else:
-                    for name in RESULTS[self.command]:
-                        if (self.out / name).exists():
-                            os.unlink(self.out / name)
+                    self._keep_failed_run()
                     for f in self._replaced.iterdir():
                         os.replace(f, self.out / f.name)
                     self._replaced.rmdir()
@@ -393,6 +392,19 @@ class RunFolder:
         finally:
             if self._lock is not None:
                 self._lock.release()
+
+    def _keep_failed_run(self) -> None:
+        """Move the files a failed ``--overwrite`` run wrote into ``failed-run-<time>/`` (it
+        may be resumable there with ``--out`` that folder and ``--resume``)."""
+        names = [n for n in RESULTS[self.command] if (self.out / n).exists()]
+        if not names:
+            return
+        keep = self.out / f"failed-run-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+        keep.mkdir()
+        for name in names:
+            os.replace(self.out / name, keep / name)
+        warn(f"the run failed, so the earlier run in {self.out} was put back; the failed run's files "
+             f"({_listing(names)}) are in {keep}")
 
     def __enter__(self) -> "RunFolder":
         return self.prepare()

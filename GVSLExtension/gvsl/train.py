@@ -67,6 +67,7 @@ class PretrainConfig:
     init: Optional[str] = None
     augment: bool = True
     cache_dir: Optional[str] = None
+    overwrite: bool = False  # replace an earlier run in `out` (gvsl.outputs.RunFolder)
     model_channels: Optional[List[int]] = None  # None: the published 32-64-128-256-512-... U-Net
     loss_weights: dict = field(default_factory=lambda: {"ncc": 1.0, "smooth": 1.0, "mse": 1.0})
 
@@ -358,7 +359,17 @@ class Pretrainer:
 
 def pretrain(config: PretrainConfig, callback: Optional[Callable[[dict], None]] = None,
              cancel: Optional[CancelToken] = None, volumes: Optional[List[np.ndarray]] = None) -> dict:
-    """Run pre-training; SIGINT/SIGTERM (main thread only) stop after the current step, saved."""
+    """Run pre-training; SIGINT/SIGTERM (main thread only) stop after the current step, saved.
+
+    Rank 0 first checks and locks ``config.out`` (:class:`gvsl.outputs.RunFolder`: a finished or
+    unfinished earlier run there needs ``resume`` or ``overwrite``; a second process is refused).
+    """
+    from gvsl.outputs import RunFolder
+    folder = None
+    if int(os.environ.get("RANK", "0")) == 0:
+        folder = RunFolder(config.out, "pretrain", {"--images": list(config.images), "--init": config.init},
+                           overwrite=config.overwrite, resume=config.resume, lock=True).prepare()
+    ok = False
     cancel = cancel or CancelToken()
     previous = {}
 
@@ -371,12 +382,16 @@ def pretrain(config: PretrainConfig, callback: Optional[Callable[[dict], None]] 
             previous[sig] = signal.signal(sig, handler)
     try:
         trainer = Pretrainer(config, callback=callback, cancel=cancel, volumes=volumes)
-        return trainer.run()
+        summary = trainer.run()
+        ok = True
+        return summary
     finally:
         for sig, old in previous.items():
             signal.signal(sig, old)
         if dist.is_initialized():
             dist.destroy_process_group()
+        if folder is not None:
+            folder.close(ok)
 
 
 def run_cli(args) -> int:
@@ -385,7 +400,8 @@ def run_cli(args) -> int:
         images=args.images, out=args.out, preset=args.preset, spacing_mm=args.spacing, steps=args.steps,
         batch_size=args.batch_size, crop=args.crop, lr=args.lr, device=args.device,
         precision=args.precision, seed=args.seed, save_every=args.save_every, progress=args.progress,
-        resume=args.resume, init=args.init, augment=not args.no_augment, cache_dir=args.cache_dir)
+        resume=args.resume, init=args.init, augment=not args.no_augment, cache_dir=args.cache_dir,
+        overwrite=args.overwrite)
     summary = pretrain(config)
     if int(os.environ.get("RANK", "0")) == 0 and args.progress != "json":
         if summary["status"] == "done":
