@@ -100,6 +100,11 @@ def world(tmp_path_factory):
         sitk.WriteImage(img, str(w[key]))
     w["dicom_gap"] = root / "dicom_gap"
     _write_dicom(sitk.Cast(sitk.ReadImage(str(w["fixed"])), sitk.sitkInt16), w["dicom_gap"], skip=(10,))
+    tiny = sitk.Image([6, 6, 6], sitk.sitkInt16) - 1000                 # 6^3 voxels of 100 mm: a wrong header?
+    tiny.SetSpacing((100.0, 100.0, 100.0))
+    w["coarse"] = root / "coarse" / "coarse.nii.gz"
+    w["coarse"].parent.mkdir()
+    sitk.WriteImage(tiny, str(w["coarse"]))
     w["a_file"] = root / "a_file.txt"
     w["a_file"].write_text("not a folder")
     w["unwritable"] = _unwritable(root)
@@ -164,6 +169,9 @@ CASES = [
          "argument --network-spacing: 'nan' is not a finite number"),
     Case("--network-spacing inf", REG + " --network-spacing inf --out {out}", "is not a finite number"),
     Case("--max-network-voxels 0", REG + " --max-network-voxels 0 --out {out}", "must be >= 8"),
+    Case("6^3 voxels at 100 mm -> a 501^3 grid (pretrain)",
+         "pretrain --images {coarse} {fixed} --steps 1 --crop 16 --device cpu --out {out}",
+         "coarse.nii.gz: resampling its 500 x 500 x 500 mm extent to 1 mm gives a 501 x 501 x 501 grid", 2, ("coarse",)),
     Case("model inside --out", REG.replace("{model}", "{finished}/gvsl_final.pt") + " --out {finished}",
          "holds the input --model", 2, ("finished",)),
 ]

@@ -109,6 +109,10 @@ def check_nifti(path) -> Tuple[Optional[NiftiLayout], np.ndarray]:
     path = Path(path)
     none = np.zeros(0, np.int64)
     gz = str(path).lower().endswith(".gz")
+    if gz:
+        with open(path, "rb") as f:
+            if f.read(2) != b"\x1f\x8b":
+                return None, none  # not gzip at all: SimpleITK says what it is not
     try:
         with _open(path) as f:
             head = f.read(540)
