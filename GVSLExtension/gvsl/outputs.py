@@ -249,12 +249,16 @@ class RunFolder:
 
     inputs: option as the user typed it -> path (or list of paths), e.g. ``{"--moving": p}``.
     overwrite / resume: the command's ``--overwrite`` / ``--resume``; lock: hold ``.gvsl.lock``.
+    results: the file names a new command writes (``register``/``pretrain`` are known).
     """
 
     def __init__(self, out: PathLike, command: str, inputs: Optional[Mapping[str, object]] = None,
-                 overwrite: bool = False, resume: bool = False, lock: bool = False):
+                 overwrite: bool = False, resume: bool = False, lock: bool = False,
+                 results: Optional[tuple] = None):
+        if results is not None:  # a new command declares its result files (kept for later runs)
+            RESULTS[command] = tuple(results)
         if command not in RESULTS:
-            raise ValueError(f"unknown command {command!r}")
+            raise ValueError(f"unknown command {command!r}: pass results=(its file names)")
         if overwrite and resume:
             raise UsageError("--resume continues the run in --out and --overwrite replaces it: pass one of them.")
         self.out = Path(out)
@@ -412,3 +416,16 @@ class RunFolder:
     def __exit__(self, exc_type, exc, tb) -> None:
         self.close(ok=exc_type is None)
 
+
+def training_folder(config, command: str = "pretrain", results: Optional[tuple] = None):
+    """The guard of a training run (a context manager): on rank 0 (``$RANK``, default 0) a
+    prepared, locked :class:`RunFolder` for ``config.out`` (inputs ``config.images`` as
+    ``--images`` and ``config.init`` as ``--init``; ``config.overwrite`` / ``config.resume``),
+    closed when the run ends (a failure puts an earlier run back); other ranks: nothing."""
+    import contextlib
+    if int(os.environ.get("RANK", "0")) != 0:
+        return contextlib.nullcontext()
+    return RunFolder(config.out, command, {"--images": list(getattr(config, "images", None) or []),
+                                           "--init": getattr(config, "init", None)},
+                     overwrite=bool(getattr(config, "overwrite", False)), resume=bool(getattr(config, "resume", False)),
+                     lock=True, results=results)

@@ -364,12 +364,12 @@ def pretrain(config: PretrainConfig, callback: Optional[Callable[[dict], None]] 
     Rank 0 first checks and locks ``config.out`` (:class:`gvsl.outputs.RunFolder`: a finished or
     unfinished earlier run there needs ``resume`` or ``overwrite``; a second process is refused).
     """
-    from gvsl.outputs import RunFolder
-    folder = None
-    if int(os.environ.get("RANK", "0")) == 0:
-        folder = RunFolder(config.out, "pretrain", {"--images": list(config.images), "--init": config.init},
-                           overwrite=config.overwrite, resume=config.resume, lock=True).prepare()
-    ok = False
+    from gvsl.outputs import training_folder
+    with training_folder(config, "pretrain"):
+        return _pretrain(config, callback, cancel, volumes)
+
+
+def _pretrain(config, callback, cancel, volumes) -> dict:
     cancel = cancel or CancelToken()
     previous = {}
 
@@ -382,16 +382,12 @@ def pretrain(config: PretrainConfig, callback: Optional[Callable[[dict], None]] 
             previous[sig] = signal.signal(sig, handler)
     try:
         trainer = Pretrainer(config, callback=callback, cancel=cancel, volumes=volumes)
-        summary = trainer.run()
-        ok = True
-        return summary
+        return trainer.run()
     finally:
         for sig, old in previous.items():
             signal.signal(sig, old)
         if dist.is_initialized():
             dist.destroy_process_group()
-        if folder is not None:
-            folder.close(ok)
 
 
 def run_cli(args) -> int:
