@@ -14,7 +14,6 @@ silently incomplete SimpleITK write, replacing an earlier result) are the tests 
 import hashlib
 import json
 import os
-import resource
 import shlex
 import shutil
 import signal

@@ -24,7 +24,6 @@ import os
 import pickle
 import zipfile
 from pathlib import Path
-from typing import Optional
 
 import torch
 
