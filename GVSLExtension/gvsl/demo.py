@@ -143,6 +143,8 @@ def _markdown(s: dict) -> str:
 
 
 def run_cli(args) -> int:
+    from gvsl.outputs import check_writable
+    check_writable(args.out)  # before minutes of work: --out is a writable folder
     summary = run_demo(args.out, n=args.n, size=args.size, steps=args.steps, crop=args.crop,
                        batch_size=args.batch_size, lr=args.lr, device=args.device, progress=args.progress,
                        seed=args.seed)

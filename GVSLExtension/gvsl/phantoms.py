@@ -743,6 +743,8 @@ def run_cli(args) -> int:
         _check_args(args.kind, args.n, args.size)
     except ValueError as exc:
         raise GVSLError(str(exc)) from None
+    from gvsl.outputs import check_writable
+    check_writable(args.out)  # --out is a writable folder before anything is made
     progress = Progress(args.n, mode=args.progress, task="phantom")
     progress.event("start", kind=args.kind, n=args.n, size=args.size, seed=args.seed, out=str(args.out))
     t0 = time.perf_counter()
