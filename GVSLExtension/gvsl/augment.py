@@ -79,6 +79,7 @@ from typing import Optional, Sequence, Tuple, Union
 import torch
 
 from gvsl import geometry
+from gvsl.errors import GVSLError
 
 Range = Union[float, Tuple[float, float]]
 
@@ -92,7 +93,7 @@ ELASTIC_RADIUS = 4.0           # Gaussian support, in sigmas (as the reference /
 TRANSLATION_FRACTION = 0.05      # published ±0.1·N through its [-1, 1] normalisation: ±5 % of the size
 
 
-class AugmentError(ValueError):
+class AugmentError(GVSLError, ValueError):
     """Invalid input to the augmentation functions, with what is wrong and how to fix it."""
 
 

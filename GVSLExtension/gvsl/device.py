@@ -16,10 +16,12 @@ from typing import Optional
 
 import torch
 
+from gvsl.errors import GVSLError
+
 DEVICE_CHOICES = ("auto", "cpu", "cuda", "mps")
 
 
-class DeviceError(RuntimeError):
+class DeviceError(GVSLError, RuntimeError):
     """A requested device is not available."""
 
 

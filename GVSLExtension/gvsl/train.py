@@ -69,6 +69,7 @@ class PretrainConfig:
     init: Optional[str] = None
     augment: bool = True
     cache_dir: Optional[str] = None
+    overwrite: bool = False  # replace an earlier run in `out` (gvsl.outputs.RunFolder)
     model_channels: Optional[List[int]] = None  # None: the published 32-64-128-256-512-... U-Net
     loss_weights: dict = field(default_factory=lambda: {"ncc": 1.0, "smooth": 1.0, "mse": 1.0})
 
@@ -234,8 +235,14 @@ class Pretrainer(Trainer):
 
 def pretrain(config: PretrainConfig, callback: Optional[Callable[[dict], None]] = None,
              cancel: Optional[CancelToken] = None, volumes: Optional[List[np.ndarray]] = None) -> dict:
-    """Run pre-training; SIGINT/SIGTERM (main thread only) stop after the current step, saved."""
-    return run_task(PretrainTask(volumes), config, callback=callback, cancel=cancel)
+    """Run pre-training; SIGINT/SIGTERM (main thread only) stop after the current step, saved.
+
+    Rank 0 first checks and locks ``config.out`` (:class:`gvsl.outputs.RunFolder`: a finished or
+    unfinished earlier run there needs ``resume`` or ``overwrite``; a second process is refused).
+    """
+    from gvsl.outputs import training_folder
+    with training_folder(config, "pretrain"):
+        return run_task(PretrainTask(volumes), config, callback=callback, cancel=cancel)
 
 
 def run_cli(args) -> int:
@@ -244,7 +251,8 @@ def run_cli(args) -> int:
         images=args.images, out=args.out, preset=args.preset, spacing_mm=args.spacing, steps=args.steps,
         batch_size=args.batch_size, crop=args.crop, lr=args.lr, device=args.device,
         precision=args.precision, seed=args.seed, save_every=args.save_every, progress=args.progress,
-        resume=args.resume, init=args.init, augment=not args.no_augment, cache_dir=args.cache_dir)
+        resume=args.resume, init=args.init, augment=not args.no_augment, cache_dir=args.cache_dir,
+        overwrite=args.overwrite)
     rank = int(os.environ.get("RANK", "0"))
     try:
         summary = pretrain(config)

@@ -12,12 +12,14 @@ import math
 from dataclasses import MISSING, fields, replace
 from typing import Callable
 
+from gvsl.errors import GVSLError
+
 CHANGEABLE_ON_RESUME = ("steps", "lr")
 # not training settings: where/how to run and report; free to differ on resume
-IGNORED_ON_RESUME = ("resume", "progress", "out", "device", "cache_dir")
+IGNORED_ON_RESUME = ("resume", "progress", "out", "device", "cache_dir", "overwrite", "cancel_file")
 
 
-class TrainingError(ValueError):
+class TrainingError(GVSLError, ValueError):
     """A problem with the training inputs, settings or state, with what to do about it.
 
     ``collective``: True when every rank raised the same error together (a CLI under torchrun

@@ -34,6 +34,7 @@ from pathlib import Path, PurePath
 from typing import Callable, Optional, Union
 
 import gvsl_mrml
+from gvsl.errors import GVSLError
 from gvsl.progress import json_safe
 from gvsl_mrml.volumes import MRMLConversionError, volume_ijk_to_world_ras
 
@@ -43,7 +44,7 @@ ATTRIBUTE_METRICS = "GVSL.metrics"
 OUTPUT_SUFFIX = "(GVSL)"
 
 
-class RegistrationInputError(ValueError):
+class RegistrationInputError(GVSLError, ValueError):
     """Inputs that cannot be registered; the message says what to change."""
 
 
