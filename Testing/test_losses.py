@@ -102,7 +102,8 @@ def test_ncc_flat_regions_follow_the_published_epsilon():
     c = torch.full(SHAPE, 0.3)
     exact = float(published_ncc(c, c))
     assert abs(float(losses.NCCLoss()(c, c)) - exact) < 1e-4
-    assert abs(float(published_ncc(c, c, dtype=torch.float32)) - exact) > 0.01  # the float32 reference's noise
+    # (the float32 reference's value, 0.2375 here on 1 and 2 threads, is rounding that depends on the
+    # convolution algorithm, so it is not asserted)
 
 
 def test_ncc_gradient_equals_the_published_formula_gradient():
@@ -132,8 +133,8 @@ def test_monai_lncc_agrees_on_textured_images_and_differs_on_flat_ones():
     cc = cross^2 / (max(I_var, 1e-5) * max(J_var, 1e-5)): each variance clamped instead of the
     published epsilon added to their product. Measured here (1 + MONAI vs published loss):
     textured 0.31686 vs 0.31686 (|diff| < 1e-6), body in air 0.4610 both; flat: exact zeros
-    1.0 both, a constant 0.3 volume -0.338 vs 0.2545 (MONAI's cc exceeds 1 where the clamp
-    meets rounding noise); low-contrast correlated texture (std 1e-3 on 0.2) 0.013 vs 0.254
+    1.0 both, a constant 0.3 volume 0.2545 for ours vs rounding noise over a clamp for MONAI
+    (-0.338 with 1 thread, 0.106 with 2: its cc exceeds 1 there); low-contrast correlated texture (std 1e-3 on 0.2) 0.013 vs 0.254
     (MONAI counts it as correlated, the published epsilon damps it), converging by std 3e-2
     (0.0156 vs 0.0168)."""
     monai_losses = pytest.importorskip("monai.losses")

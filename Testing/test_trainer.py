@@ -175,3 +175,24 @@ def test_a_process_group_the_trainer_did_not_create_survives(tmp_path):
         assert dist.is_initialized()  # the caller's group is the caller's to destroy
     finally:
         dist.destroy_process_group()
+
+
+def test_disk_full_while_saving_is_one_clear_error_and_the_previous_checkpoint_survives(tmp_path, monkeypatch):
+    import errno
+    original_save = torch.save
+    saves = []
+
+    def save_then_fail(obj, f, *args, **kwargs):
+        saves.append(str(f))
+        if len(saves) >= 2:  # the second checkpoint write meets a full disk
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return original_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", save_then_fail)
+    with pytest.raises(TrainingError, match=r"could not write .*toy_last.pt: No space left on device .*intact"):
+        run_task(ToyTask(), ToyConfig(out=str(tmp_path), steps=6, save_every=2, validate_every=0))
+    monkeypatch.setattr(torch, "save", original_save)
+    assert load(tmp_path / "toy_last.pt")["step"] == 2  # the first save, unharmed
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no temp file left
+    summary = run_task(ToyTask(), ToyConfig(out=str(tmp_path), steps=6, save_every=2, validate_every=0, resume=True))
+    assert summary["status"] == "done" and summary["step"] == 6

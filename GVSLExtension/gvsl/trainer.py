@@ -268,8 +268,10 @@ class Trainer:
 
     # -- checkpoints ------------------------------------------------------------------------
     def save(self, name: str, resumable: bool = True, **more) -> Optional[Path]:
-        """Write ``name`` in ``out`` (rank 0). Resumable: + optimizer, RNG, scaler, task state
-        (collective under DDP: every rank must call it). Otherwise weights + metadata only."""
+        """Write ``name`` in ``out`` (rank 0; the path is returned on every rank). Resumable:
+        + optimizer, RNG, scaler, task state; otherwise weights + metadata only. Collective under
+        DDP: every rank must call it. An OSError (disk full, permissions) becomes one
+        :class:`TrainingError` on every rank; the atomic writer leaves the old file in place."""
         extra = {"history": self.history, "train_config": self.config.to_dict(),
                  "world_size": self.dist.world_size, "best": self.best, **more}
         if resumable:
@@ -279,9 +281,17 @@ class Trainer:
                 rng["cuda"] = torch.cuda.get_rng_state(self.device)
             extra.update(optimizer=self.optimizer.state_dict(), rng=rng, scaler=self.scaler.state_dict(),
                          task_state=self.task.state_dict())
-        if not self.dist.is_main:
-            return None
-        path = self.task.save_checkpoint(self, self.out / name, self.model, extra)
+        target = self.out / name
+
+        def write() -> str:  # rank 0; a failed write is raised on every rank (none left waiting)
+            try:
+                return str(self.task.save_checkpoint(self, target, self.model, extra))
+            except OSError as exc:
+                raise TrainingError(
+                    f"could not write {target}: {exc.strerror or exc} (disk full or not writable?); "
+                    f"nothing was replaced: the previous {name} (if any) is intact", collective=True) from None
+
+        path = Path(distributed.on_rank0_shared(self.dist, self.device, write))
         if resumable:
             self._last_saved_step = self.step
         return path
