@@ -239,4 +239,4 @@ def test_help_and_phantom_do_not_import_torch(tmp_path):
 def test_no_module_imports_the_cli():
     for path in (ROOT / "GVSLExtension" / "gvsl").glob("*.py"):
         if path.name not in ("cli.py", "__main__.py"):
-            assert "gvsl.cli" not in path.read_text(), f"{path.name} imports gvsl.cli (an import cycle)"
+            assert "gvsl.cli" not in path.read_text(encoding="utf-8"), f"{path.name} imports gvsl.cli (an import cycle)"
