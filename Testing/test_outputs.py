@@ -194,6 +194,20 @@ def test_result_names_cover_what_the_writers_write():
     import re
     written = set(re.findall(r'"([a-z_]+\.(?:nii\.gz|tfm|h5|json|png))"', src))
     assert written <= set(outputs.REGISTER_OUTPUTS), written - set(outputs.REGISTER_OUTPUTS)
-    tsrc = inspect.getsource(train)
-    for name in outputs.PRETRAIN_OUTPUTS:
-        assert name in tsrc, name
+    from gvsl import trainer
+    tsrc = inspect.getsource(trainer)
+    assert '(f"{task.prefix}_{s}.pt" for s in ("last", "final", "best"))' in tsrc
+    for name in outputs.training_results("P")[3:]:
+        assert f'"{name}"' in tsrc, name
+    assert train.PretrainTask.prefix == "gvsl" and outputs.PRETRAIN_OUTPUTS[:2] == (train.FINAL, train.LAST)
+
+
+def test_a_training_folder_is_not_mistaken_for_another_commands(tmp_path):
+    """history.json / config.json are written by every training task: they say nothing."""
+    _fill(tmp_path, ["seg_last.pt", "history.json", "config.json"])
+    names = outputs.training_results("seg")
+    RunFolder(tmp_path, "finetune", resume=True, lock=True, results=names).prepare().close(ok=True)
+    with pytest.raises(OutputFolderError, match="an unfinished 'gvsl finetune' run .*--resume"):
+        RunFolder(tmp_path, "finetune", lock=True, results=names).prepare()
+    with pytest.raises(OutputFolderError, match="holds the results of a 'gvsl finetune' run"):
+        RunFolder(tmp_path, "pretrain", lock=True).prepare()

@@ -21,6 +21,7 @@ import importlib
 import json
 import math
 import os
+import re
 import sys
 import tempfile
 import time
@@ -68,6 +69,10 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message):  # noqa: D401 - argparse's hook
         command = self.prog.split()[1] if len(self.prog.split()) > 1 else None
+        # "argument --lr: must be ..." (our type functions) -> "--lr must be ...", the house style
+        match = re.match(r"^argument (--[\w-]+)(?:/[^:]*)?: (must be .*)$", message)
+        if match:
+            message = f"{match.group(1)} {match.group(2)}"
         raise _ParseError(message, self, command)
 
 
@@ -86,12 +91,12 @@ def _number(kind: type, minimum: Optional[float] = None, strict: bool = False):
         try:
             value = kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
-        if kind is float and not math.isfinite(value):
-            raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
-        if minimum is not None and (value <= minimum if strict else value < minimum):
             raise argparse.ArgumentTypeError(
-                f"{text} is out of range: it must be {'>' if strict else '>='} {minimum:g}")
+                f"must be {'an integer' if kind is int else 'a number'} (got {text!r})") from None
+        if kind is float and not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"must be a finite number (got {text!r})")
+        if minimum is not None and (value <= minimum if strict else value < minimum):
+            raise argparse.ArgumentTypeError(f"must be {'>' if strict else '>='} {minimum:g} (got {text})")
         return value
     parse.__name__ = kind.__name__  # argparse names the type in its messages
     return parse

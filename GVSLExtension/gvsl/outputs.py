@@ -55,7 +55,16 @@ PathLike = Union[str, os.PathLike]
 REGISTER_OUTPUTS = ("warped.nii.gz", "warped_affine.nii.gz", "affine.tfm", "deformable.nii.gz",
                     "displacement.nii.gz", "composite.h5", "jacobian.nii.gz", "warped_labels.nii.gz",
                     "metrics.json", "overview.png")
-PRETRAIN_OUTPUTS = ("gvsl_final.pt", "gvsl_last.pt", "history.json", "loss_curve.png", "config.json")
+
+
+def training_results(prefix: str) -> tuple:
+    """The files a training run of :mod:`gvsl.trainer` writes, ``P = prefix`` (``gvsl`` for
+    pre-training): ``P_final.pt``, ``P_last.pt``, ``P_best.pt``, history, curves, config."""
+    return (f"{prefix}_final.pt", f"{prefix}_last.pt", f"{prefix}_best.pt", "history.json", "loss_curve.png",
+            "validation_curve.png", "config.json")
+
+
+PRETRAIN_OUTPUTS = training_results("gvsl")
 RESULTS: Dict[str, tuple] = {"register": REGISTER_OUTPUTS, "pretrain": PRETRAIN_OUTPUTS}
 LOCK_NAME = ".gvsl.lock"
 STAGING_PREFIX = ".gvsl-staging-"
@@ -131,6 +140,11 @@ def existing_results(out: PathLike) -> Dict[str, List[str]]:
         if present:
             found[command] = present
     return found
+
+
+def _owners(name: str) -> List[str]:
+    """The commands whose results include the file ``name``."""
+    return [c for c, names in RESULTS.items() if name in names]
 
 
 def _listing(names: List[str]) -> str:
@@ -292,7 +306,8 @@ class RunFolder:
     def _check_earlier_results(self) -> None:
         found = existing_results(self.out)
         for command, names in found.items():
-            if command != self.command:
+            names = [n for n in names if _owners(n) == [command]]  # shared names (history.json) say nothing
+            if command != self.command and names:
                 raise OutputFolderError(
                     f"--out {self.out} holds the results of a 'gvsl {command}' run ({_listing(names)}); "
                     f"'gvsl {self.command}' does not write there (it would mix or remove them). Choose another --out.")
@@ -310,14 +325,15 @@ class RunFolder:
             return (f"--out {self.out} already holds the results of an earlier registration ({listing}). "
                     "Pass --overwrite to replace them (the earlier files stay until every new one is written "
                     "and verified), or choose another --out.")
-        if "gvsl_final.pt" in names:
-            state = "a finished pre-training run"
+        kind = "pre-training" if self.command == "pretrain" else f"'gvsl {self.command}'"
+        if any(n.endswith("_final.pt") for n in names):
+            state = f"a finished {kind} run"
             how = "continue training it with --resume (and a larger --steps)"
-        elif "gvsl_last.pt" in names:
-            state = "an unfinished pre-training run"
+        elif any(n.endswith("_last.pt") for n in names):
+            state = f"an unfinished {kind} run"
             how = "continue it with --resume"
         else:
-            state = "files of an earlier pre-training run"
+            state = f"files of an earlier {kind} run"
             how = "remove them"
         return (f"--out {self.out} holds {state} ({listing}): {how}, replace it with --overwrite, "
                 "or choose another --out.")
@@ -418,7 +434,8 @@ class RunFolder:
 
 
 def training_folder(config, command: str = "pretrain", results: Optional[tuple] = None):
-    """The guard of a training run (a context manager): on rank 0 (``$RANK``, default 0) a
+    """The guard of a training run (a context manager, :func:`gvsl.trainer.run_task` uses it;
+    ``results``: the task's files, :func:`training_results`): on rank 0 (``$RANK``, default 0) a
     prepared, locked :class:`RunFolder` for ``config.out`` (inputs ``config.images`` as
     ``--images`` and ``config.init`` as ``--init``; ``config.overwrite`` / ``config.resume``),
     closed when the run ends (a failure puts an earlier run back); other ranks: nothing."""

@@ -235,14 +235,8 @@ class Pretrainer(Trainer):
 
 def pretrain(config: PretrainConfig, callback: Optional[Callable[[dict], None]] = None,
              cancel: Optional[CancelToken] = None, volumes: Optional[List[np.ndarray]] = None) -> dict:
-    """Run pre-training; SIGINT/SIGTERM (main thread only) stop after the current step, saved.
-
-    Rank 0 first checks and locks ``config.out`` (:class:`gvsl.outputs.RunFolder`: a finished or
-    unfinished earlier run there needs ``resume`` or ``overwrite``; a second process is refused).
-    """
-    from gvsl.outputs import training_folder
-    with training_folder(config, "pretrain"):
-        return run_task(PretrainTask(volumes), config, callback=callback, cancel=cancel)
+    """Run pre-training; SIGINT/SIGTERM (main thread only) stop after the current step, saved."""
+    return run_task(PretrainTask(volumes), config, callback=callback, cancel=cancel)
 
 
 def run_cli(args) -> int:

@@ -417,9 +417,12 @@ def run_task(task: TrainingTask, config, callback: Optional[Callable[[dict], Non
         for sig in (signal.SIGINT, signal.SIGTERM):
             previous[sig] = signal.signal(sig, handler)
     trainer = None
+    from gvsl.outputs import training_folder, training_results
     try:
-        trainer = Trainer(task, config, callback=callback, cancel=cancel)
-        return trainer.run()
+        # rank 0 checks and locks config.out first (an earlier run there needs resume/overwrite)
+        with training_folder(config, task.name, training_results(task.prefix)):
+            trainer = Trainer(task, config, callback=callback, cancel=cancel)
+            return trainer.run()
     finally:
         for sig, old in previous.items():
             signal.signal(sig, old)
