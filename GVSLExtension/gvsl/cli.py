@@ -13,6 +13,7 @@ import sys
 from typing import Callable, Dict, List, Optional
 
 from gvsl import __version__
+from gvsl.progress import Cancelled
 
 # command name -> "module:function" taking the parsed args, returning an exit code
 HANDLERS: Dict[str, str] = {}
@@ -37,6 +38,12 @@ def _progress_arg(p: argparse.ArgumentParser, default: str = "bar") -> None:
     p.add_argument("--progress", choices=("json", "bar", "none"), default=default,
                    help="json: one JSON object per line on stdout (for Slicer and scripts); "
                         f"bar: a progress bar on stderr; none (default: {default})")
+
+
+def _cancel_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--cancel-file", metavar="PATH",
+                   help="stop cleanly (after the current step/stage, saving what is resumable) once PATH "
+                        "exists; how the Slicer panels cancel a background job on every OS")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -85,6 +92,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Cancelled as exc:
+        if getattr(args, "progress", None) == "json":
+            print(json.dumps({"event": "cancelled", "task": args.command, "stopped_by": str(exc)}), flush=True)
+        print(f"gvsl {args.command}: cancelled ({exc})", file=sys.stderr)
+        return 130
     except Exception as exc:  # noqa: BLE001 - user errors become one line, the rest re-raise
         if not isinstance(exc, _user_error_types()):
             raise
@@ -127,6 +139,7 @@ def _add_register(sub) -> None:
                    help="write displacement.nii.gz and jacobian.nii.gz on the fixed image's grid (default: on the "
                         "network grid, where the field is exact and small)")
     p.add_argument("--no-overview", action="store_true", help="do not draw overview.png")
+    _cancel_arg(p)
     _progress_arg(p)
 
 
@@ -175,6 +188,10 @@ def _add_pretrain(sub) -> None:
     p.add_argument("--save-every", type=int, default=500, help="checkpoint every N steps (default 500)")
     p.add_argument("--cache-dir", help="where preprocessed volumes are cached (default OUT/cache)")
     p.add_argument("--no-augment", action="store_true", help="disable the spatial/appearance augmentation")
+    p.add_argument("--model-channels", type=int, nargs=9, metavar="C",
+                   help="advanced: the U-Net's 9 channel widths (default the published 32 64 128 256 512 256 "
+                        "128 64 32); smaller widths give a faster, weaker model for quick trials")
+    _cancel_arg(p)
     _progress_arg(p)
 
 

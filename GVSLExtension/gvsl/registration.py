@@ -349,7 +349,7 @@ def register(fixed: sitk.Image, moving: sitk.Image, model, device="auto", *,
 def run_cli(args) -> int:
     """``gvsl register``: read, register, write every output into ``--out``."""
     from gvsl.io import read_volume
-    from gvsl.progress import Progress, json_safe
+    from gvsl.progress import CancelToken, Progress, json_safe
     progress = Progress(total=len(STAGES), mode=args.progress, task="register")
     fixed = read_volume(args.fixed)
     moving = read_volume(args.moving)
@@ -359,7 +359,8 @@ def run_cli(args) -> int:
                       moving_labels=moving_labels, preset=args.preset,
                       network_spacing_mm=args.network_spacing,
                       max_network_voxels=args.max_network_voxels, precision=args.precision,
-                      full_resolution=getattr(args, "full_resolution", False), progress=progress)
+                      full_resolution=getattr(args, "full_resolution", False), progress=progress,
+                      cancel=CancelToken(watch_file=getattr(args, "cancel_file", None)))
     files = write_outputs(result, args.out, fixed, moving, overview=not args.no_overview)
     if args.progress == "json":
         print(json.dumps({"event": "done", "task": "register",
