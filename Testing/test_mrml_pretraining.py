@@ -89,3 +89,38 @@ def test_pretrain_cancel_resume_current_model_then_register(scene, tmp_path, mon
     assert outputs.warped_volume is not None and outputs.deformable_transform is not None
     assert np.isfinite(outputs.metrics["ncc_after"])
     assert all(r.get("event") != "error" for r in records)
+
+
+@pytest.mark.slow
+def test_module_logic_and_selftest_run_headless(scene, monkeypatch, tmp_path):
+    """GVSLPretraining.py's Logic and its in-Slicer self-test with Qt and the scripted-module base
+    classes stubbed (the wheel has neither): catches errors in the module file itself."""
+    import importlib.util
+    import sys
+    import types
+    import unittest
+    from pathlib import Path
+
+    base = types.ModuleType("slicer.ScriptedLoadableModule")
+
+    class ScriptedLoadableModuleTest(unittest.TestCase):
+        def delayDisplay(self, message, msec=0):
+            pass
+
+    base.ScriptedLoadableModule = base.ScriptedLoadableModuleWidget = type("Stub", (), {})
+    base.ScriptedLoadableModuleLogic = type("StubLogic", (), {})
+    base.ScriptedLoadableModuleTest = ScriptedLoadableModuleTest
+    monkeypatch.setitem(sys.modules, "slicer.ScriptedLoadableModule", base)
+    monkeypatch.setitem(sys.modules, "qt", types.ModuleType("qt"))
+    monkeypatch.setattr(slicer, "app", types.SimpleNamespace(processEvents=lambda: None,
+                                                             testingEnabled=lambda: True), raising=False)
+    monkeypatch.setenv("GVSL_MODELS_DIR", str(tmp_path / "models"))
+    path = Path(__file__).resolve().parents[1] / "GVSLExtension" / "GVSLPretraining.py"
+    spec = importlib.util.spec_from_file_location("GVSLPretraining_headless", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.GVSLPretrainingLogic().ensureDependencies() == []
+    case = module.GVSLPretrainingTest("test_PretrainCancelResume")
+    case.setUp()
+    case.test_PretrainCancelResume()
+    assert not (tmp_path / "models").exists()  # the self-test used its own temporary models folder

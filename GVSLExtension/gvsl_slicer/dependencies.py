@@ -102,9 +102,11 @@ def constraints_text(protected=PROTECTED) -> str:
 
 @dataclass
 class InstallPlan:
-    """What :func:`ensure` would install. ``torch``: the reason torch must be (re)installed."""
+    """What :func:`ensure` would install. ``torch``: the reason torch must be (re)installed;
+    ``torch_version``: the torch installed now (None when there is none)."""
     torch: Optional[str] = None
     pip: List[str] = field(default_factory=list)
+    torch_version: Optional[str] = None
 
     @property
     def empty(self) -> bool:
@@ -119,13 +121,14 @@ class InstallPlan:
                          "matching your NVIDIA driver, or the CPU build)")
         lines += [f"  - {req}" for req in self.pip]
         lines += ["", f"Slicer's own {', '.join(PROTECTED)} are kept as they are."]
-        if self.torch and installed_version("torch"):
+        if self.torch and self.torch_version:
             lines.append("Slicer must be restarted after PyTorch is upgraded.")
         return "\n".join(lines)
 
 
 def make_plan(pip_requirements=PIP_REQUIREMENTS, torch_requirement: str = TORCH_REQUIREMENT) -> InstallPlan:
-    plan = InstallPlan(torch=torch_problem(installed_version("torch"), torch_requirement))
+    version = installed_version("torch")
+    plan = InstallPlan(torch=torch_problem(version, torch_requirement), torch_version=version)
     for req in pip_requirements:
         name, spec = split_requirement(req)
         if not satisfies(installed_version(name), spec or ">=0"):
@@ -154,7 +157,7 @@ def ensure(confirm: Optional[Callable[[str], bool]] = None, *, testing: Optional
         confirm = confirm or slicer_module.util.confirmOkCancelDisplay
         if not confirm(plan.message()):
             raise DependencyError("GVSL cannot run without " + ", ".join(missing) + " (installation declined).")
-        upgraded_torch = plan.torch is not None and installed_version("torch") is not None
+        upgraded_torch = plan.torch is not None and plan.torch_version is not None
         if plan.torch:
             if torch_logic is None:
                 try:
