@@ -45,7 +45,7 @@ def pretrain_args(images, out, steps):
 
 
 @pytest.mark.slow
-def test_pretrain_job_progress_cancel_resume(tmp_path):
+def test_pretrain_job_progress_and_cancel_keeps_a_resumable_checkpoint(tmp_path):
     import torch
 
     from gvsl.checkpoint import load_checkpoint
@@ -74,13 +74,8 @@ def test_pretrain_job_progress_cancel_resume(tmp_path):
     assert ckpt["step"] == stopped_at and "optimizer" in ckpt
     assert not (out / "gvsl_final.pt").exists()
 
-    # resume to the end (a few more steps)
-    job2 = Job(pretrain_args(images, out, stopped_at + 2) + ["--resume"])
-    assert job2.start().wait(timeout=180) == "done", (job2.error, list(job2.log))
-    assert any(e["event"] == "resumed" and e["step"] == stopped_at for e in job2.events)
-    final = load_checkpoint(out / "gvsl_final.pt")
-    assert final["step"] == stopped_at + 2
-    assert torch.isfinite(torch.tensor(final["history"]["loss"])).all()
+    assert "rng" in ckpt and ckpt["history"]["step"][-1] == stopped_at  # resumable (resume: test_mrml_pretraining)
+    assert torch.isfinite(torch.tensor(ckpt["history"]["loss"])).all()
 
 
 def test_crashing_child_gives_clear_message(tmp_path):
