@@ -98,6 +98,19 @@ def test_background_registration_cancels_within_a_second(scene, inputs, checkpoi
     assert scene.GetNumberOfNodes() == n_nodes and job.outputs is None
 
 
+@pytest.mark.slow
+def test_cancel_after_the_child_finished_makes_no_nodes(scene, inputs, checkpoint):
+    """Scene closing while the results are being read: the panel cancels; nothing is created."""
+    fixed, moving, _, _ = inputs
+    job = lib.start_registration(fixed, moving, str(checkpoint), "cpu")
+    while job.job.poll() == "running":
+        time.sleep(0.05)
+    n_nodes = scene.GetNumberOfNodes()
+    job.cancel()
+    assert job.wait(timeout=30) == "cancelled"
+    assert scene.GetNumberOfNodes() == n_nodes and job.outputs is None
+
+
 def test_session_survives_node_removal_and_scene_close(scene, inputs, checkpoint):
     fixed, moving, _, _ = inputs
     views = mrml_testing.add_slice_views(scene)

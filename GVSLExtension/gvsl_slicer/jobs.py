@@ -103,10 +103,9 @@ class Job:
         self.task = self.args[0] if self.args else "gvsl"
         self.on_event, self.on_log = on_event, on_log
         self.grace_s = float(grace_s)
-        self._tmp = tempfile.mkdtemp(prefix="gvsl-job-")
-        self.cancel_file = os.path.join(self._tmp, "cancel")
+        self._tmp: Optional[str] = None  # made by start(), removed at the end
+        self.cancel_file = ""
         self.command = list(command) if command else [python_executable(), "-m", "gvsl", *self.args]
-        self.command += ["--progress", "json", "--cancel-file", self.cancel_file]
         self._env = env
         self.state = "pending"
         self.returncode: Optional[int] = None
@@ -126,6 +125,9 @@ class Job:
     def start(self) -> "Job":
         if self.state != "pending":
             raise RuntimeError(f"job already {self.state}")
+        self._tmp = tempfile.mkdtemp(prefix="gvsl-job-")
+        self.cancel_file = os.path.join(self._tmp, "cancel")
+        self.command += ["--progress", "json", "--cancel-file", self.cancel_file]
         kwargs = {}
         if os.name == "nt":
             kwargs["creationflags"] = subprocess.CREATE_NEW_PROCESS_GROUP | getattr(subprocess, "CREATE_NO_WINDOW", 0)
@@ -237,7 +239,8 @@ class Job:
                 tail = " | ".join(line for line in list(self.log)[-6:] if line.strip())
                 self.error = (f"gvsl {self.task} stopped unexpectedly (exit code {returncode})"
                               + (f": {tail}" if tail else "; it printed nothing."))
-        shutil.rmtree(self._tmp, ignore_errors=True)
+        if self._tmp:
+            shutil.rmtree(self._tmp, ignore_errors=True)
 
     def wait(self, timeout: Optional[float] = None, interval_s: float = 0.05) -> str:
         """Block until the job ends (for scripts and tests); returns the final state.

@@ -64,10 +64,15 @@ class RegistrationJob:
         self._tmp = Path(tempfile.mkdtemp(prefix="gvsl-register-"))
         args = ["register", "--model", str(model_path), "--out", str(self._tmp / "out"), "--device", device,
                 "--no-overview"]
-        for key, image in (("fixed", self.prepared.fixed), ("moving", self.prepared.moving),
-                           ("fixed-labels", self.prepared.fixed_labels), ("moving-labels", self.prepared.moving_labels)):
-            if image is not None:
-                args += [f"--{key}", str(write_image_atomic(image, self._tmp / f"{key}.nrrd", compress=False))]
+        try:
+            for key, image in (("fixed", self.prepared.fixed), ("moving", self.prepared.moving),
+                               ("fixed-labels", self.prepared.fixed_labels),
+                               ("moving-labels", self.prepared.moving_labels)):
+                if image is not None:
+                    args += [f"--{key}", str(write_image_atomic(image, self._tmp / f"{key}.nrrd", compress=False))]
+        except BaseException:
+            shutil.rmtree(self._tmp, ignore_errors=True)
+            raise
         for key, value in engine_options.items():
             if value is not None:
                 args += [CLI_OPTIONS[key], str(value)]
@@ -77,6 +82,7 @@ class RegistrationJob:
         self._state = "pending"
         self._reader: Optional[threading.Thread] = None
         self._read_result = None
+        self._cancel_requested = False
 
     def start(self) -> "RegistrationJob":
         self.job.start()
@@ -88,6 +94,8 @@ class RegistrationJob:
         return self._state
 
     def cancel(self) -> None:
+        """Stop: the child within a second; once it has finished, no nodes are made."""
+        self._cancel_requested = True
         self.job.cancel("cancelled by the user")
 
     def _read(self) -> None:
@@ -111,6 +119,8 @@ class RegistrationJob:
             self._reader.start()
         if self._reader.is_alive():
             return self._state
+        if self._cancel_requested:  # e.g. the scene is closing: leave it alone
+            return self._end("cancelled")
         if isinstance(self._read_result, Exception):
             self.error = f"could not read the registration results: {self._read_result}"
             return self._end("failed")
