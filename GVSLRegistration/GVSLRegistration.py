@@ -10,7 +10,6 @@ import os
 import pathlib
 from typing import Annotated, Union
 
-import qt
 import slicer
 import vtk
 from slicer.parameterNodeWrapper import WithinRange, parameterNodeWrapper
@@ -95,7 +94,7 @@ class GVSLRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self.session is not None:
             self.session.close()
         if self.job is not None and self.job.state == "running":
-            self.job.job.kill()
+            self.job.kill()
 
     def enter(self):
         self.initializeParameterNode()
@@ -195,7 +194,7 @@ class GVSLRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                                           moving_segmentation=p.movingSegmentation,
                                           fixed_segmentation=p.fixedSegmentation, outputs=outputs,
                                           on_event=self.onProgress)
-            self.poller = _RegistrationPoller(self.job, self.onFinished).start()
+            self.poller = JobPoller(self.job, self.onFinished, interval_ms=100).start()
             self.ui.cancelButton.enabled = True
             self.ui.statusLabel.text = "Starting the registration..."
             self.updateApplyState()
@@ -233,25 +232,6 @@ class GVSLRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onDvfChanged(self, *_):
         self.session.show_dvf(self.ui.dvfComboBox.currentText)
-
-
-class _RegistrationPoller:
-    """Polls a RegistrationJob (not just its process: it also makes the nodes) from a QTimer."""
-
-    def __init__(self, job, onFinished, intervalMs=100):
-        self.job, self.onFinished = job, onFinished
-        self.timer = qt.QTimer()
-        self.timer.setInterval(intervalMs)
-        self.timer.connect("timeout()", self._tick)
-
-    def start(self):
-        self.timer.start()
-        return self
-
-    def _tick(self):
-        if self.job.poll() in ("done", "cancelled", "failed"):
-            self.timer.stop()
-            self.onFinished(self.job)
 
 
 class GVSLRegistrationLogic(ScriptedLoadableModuleLogic):

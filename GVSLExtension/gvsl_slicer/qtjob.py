@@ -1,4 +1,5 @@
-"""Poll a :class:`gvsl_slicer.jobs.Job` from a ``QTimer`` (the only Qt code of the job runner).
+"""Poll a :class:`gvsl_slicer.jobs.Job` (or anything with ``poll()``, ``state`` and ``kill()``, such
+as GVSLRegistrationLib's RegistrationJob) from a ``QTimer`` (the only Qt code of the job runner).
 
 The timer fires on the GUI thread every ``interval_ms``; each tick calls ``job.poll()``, which
 never blocks (the child's output is read by the job's threads), so the GUI stays responsive.
@@ -9,11 +10,11 @@ from __future__ import annotations
 
 from typing import Callable
 
-from gvsl_slicer.jobs import FINAL_STATES, Job
+from gvsl_slicer.jobs import FINAL_STATES
 
 
 class JobPoller:
-    def __init__(self, job: Job, on_finished: Callable[[Job], None], interval_ms: int = 200):
+    def __init__(self, job, on_finished: Callable[[object], None], interval_ms: int = 200):
         import qt
         import slicer
         self.job = job
@@ -24,7 +25,7 @@ class JobPoller:
         slicer.app.connect("aboutToQuit()", self.job.kill)
 
     def start(self) -> "JobPoller":
-        if self.job.state == "pending":
+        if getattr(self.job, "state", None) == "pending":
             self.job.start()
         self.timer.start()
         return self

@@ -98,6 +98,11 @@ class RegistrationJob:
         self._cancel_requested = True
         self.job.cancel("cancelled by the user")
 
+    def kill(self) -> None:
+        """Kill the child now (Slicer quitting); no nodes are made."""
+        self._cancel_requested = True
+        self.job.kill()
+
     def _read(self) -> None:
         try:
             self._read_result = read_register_outputs(self._tmp / "out")
