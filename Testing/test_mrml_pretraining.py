@@ -74,7 +74,10 @@ def test_pretrain_cancel_resume_current_model_then_register(scene, tmp_path, mon
     assert chart.alive() and chart.values("step")[:2] == [1.0, 2.0]
     assert len(chart.series) == 4 and chart.chart.GetNumberOfPlotSeriesNodes() == 4
     assert all(np.isfinite(chart.values("loss")))
-    assert not list(tmp_path.glob("gvsl-pretrain-inputs-*"))  # the exported copies are removed
+    assert not lib.inputs_folder(out).exists()  # the exported copies are removed
+
+    with pytest.raises(lib.PretrainingInputError, match="volumes of the interrupted run"):
+        lib.start_pretraining(nodes[::-1], out, steps=stopped + 2, resume=True, store=store, **TINY)
 
     run2 = lib.start_pretraining(nodes, out, steps=stopped + 2, resume=True, store=store, **TINY)
     assert run2.wait(timeout=180) == "done", run2.error

@@ -9,8 +9,9 @@ never Qt), importable headless with the slicer-core wheel.
 """
 from GVSLPretrainingLib.chart import LOSS_TERMS, LossChart
 from GVSLPretrainingLib.export import PretrainingInputError, export_volumes, volumes_problem
-from GVSLPretrainingLib.run import (FINAL, LAST, PretrainingRun, PretrainOptions, can_resume, pretrain,
-                                    start_pretraining)
+from GVSLPretrainingLib.run import (FINAL, LAST, PretrainingRun, PretrainOptions, can_resume, inputs_folder,
+                                    pretrain, start_pretraining)
 
 __all__ = ["LOSS_TERMS", "LossChart", "PretrainingInputError", "export_volumes", "volumes_problem",
-           "FINAL", "LAST", "PretrainingRun", "PretrainOptions", "can_resume", "pretrain", "start_pretraining"]
+           "FINAL", "LAST", "PretrainingRun", "PretrainOptions", "can_resume", "inputs_folder", "pretrain",
+           "start_pretraining"]

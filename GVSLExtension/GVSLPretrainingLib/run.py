@@ -1,7 +1,8 @@
 """Pre-training from volume nodes as a background ``gvsl pretrain`` job (MRML + gvsl_slicer, no Qt).
 
 :func:`start_pretraining` (non-blocking, what the panel uses) exports the volumes to a temporary
-folder, starts ``gvsl pretrain`` through :class:`gvsl_slicer.jobs.Job` and returns a
+folder (one per output folder: :func:`inputs_folder`, since a resumed run must name the same
+``--images`` as the interrupted one; the names are kept in ``gvsl_inputs.json`` and checked), starts ``gvsl pretrain`` through :class:`gvsl_slicer.jobs.Job` and returns a
 :class:`PretrainingRun`; call ``run.poll()`` (the panel: from a QTimer) to receive progress,
 fill the loss chart and, at the end, register the final checkpoint in the models folder as the
 current model. :func:`pretrain` is the blocking console variant. Cancel stops after the current
@@ -9,6 +10,8 @@ step with ``gvsl_last.pt`` saved; ``resume=True`` on the same ``output_dir`` con
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -168,6 +171,36 @@ class PretrainingRun:
         return f"Failed: {self.error}"
 
 
+INPUTS_RECORD = "gvsl_inputs.json"  # the names of the exported volumes, checked on resume
+
+
+def inputs_folder(output_dir) -> Path:
+    """The temporary folder the volumes are exported to: one per output folder, so a resumed run
+    gets the same ``--images`` path as the interrupted one (the engine requires it); removed
+    when each run ends."""
+    key = hashlib.sha1(str(Path(output_dir).expanduser().absolute()).encode("utf-8")).hexdigest()[:12]
+    return Path(tempfile.gettempdir()) / f"gvsl-pretrain-inputs-{key}"
+
+
+def check_same_inputs(output_dir, volume_nodes, resume: bool) -> List[str]:
+    """The volume names in export order; on resume they must be those of the interrupted run."""
+    names = [node.GetName() for node in volume_nodes]
+    record = Path(output_dir) / INPUTS_RECORD
+    if resume and record.is_file():
+        before = json.loads(record.read_text(encoding="utf-8")).get("volumes", [])
+        if before != names:
+            raise PretrainingInputError(
+                f"Resume needs the volumes of the interrupted run, in the same order: {before}; selected now: "
+                f"{names}. Select those volumes, or Start a new run in another output folder.")
+    return names
+
+
+def _write_inputs_record(output_dir, names: List[str]) -> None:
+    from gvsl.checkpoint import atomic_write_text
+    Path(output_dir).mkdir(parents=True, exist_ok=True)
+    atomic_write_text(Path(output_dir) / INPUTS_RECORD, json.dumps({"volumes": names}, indent=2))
+
+
 def can_resume(output_dir) -> bool:
     """True when ``output_dir`` holds a resumable ``gvsl_last.pt``."""
     return (Path(output_dir) / LAST).is_file()
@@ -202,9 +235,12 @@ def start_pretraining(volume_nodes: Optional[Sequence] = None, output_dir=None, 
         problem = volumes_problem(volume_nodes)
         if problem:
             raise PretrainingInputError(problem)
-        temp_dir = tempfile.mkdtemp(prefix="gvsl-pretrain-inputs-")
+        temp_dir = str(inputs_folder(output_dir))
+        names = check_same_inputs(output_dir, volume_nodes, resume)
+        shutil.rmtree(temp_dir, ignore_errors=True)  # a stale copy of a crashed run
         images = [temp_dir]
         export_volumes(volume_nodes, temp_dir)
+        _write_inputs_record(output_dir, names)
         if scene is None:
             scene = volume_nodes[0].GetScene()
     run = PretrainingRun(output_dir, opts, images, resume=resume, scene=scene, store=store, temp_dir=temp_dir,
