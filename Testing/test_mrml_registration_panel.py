@@ -111,9 +111,17 @@ def test_cancel_after_the_child_finished_makes_no_nodes(scene, inputs, checkpoin
     assert scene.GetNumberOfNodes() == n_nodes and job.outputs is None
 
 
-def test_session_survives_node_removal_and_scene_close(scene, inputs, checkpoint):
+@pytest.fixture
+def views(scene):
+    """Slice composite nodes (singletons: they survive scene.Clear), removed after the test."""
+    added = mrml_testing.add_slice_views(scene)
+    yield added
+    for view in added:
+        scene.RemoveNode(view)
+
+
+def test_session_survives_node_removal_and_scene_close(scene, inputs, checkpoint, views):
     fixed, moving, _, _ = inputs
-    views = mrml_testing.add_slice_views(scene)
     session = lib.RegistrationSession(scene)
     assert session.show("deformable", 0.5) is False  # nothing yet: no exception
     session.set_outputs(lib.register_volumes(fixed, moving, checkpoint, "cpu"))
