@@ -31,6 +31,7 @@ from typing import Callable, Dict, List, Optional
 
 from gvsl import __version__, errors
 from gvsl.errors import GVSLError
+from gvsl.progress import Cancelled
 
 # command name -> "module:function" taking the parsed args, returning an exit code
 HANDLERS: Dict[str, str] = {}
@@ -113,6 +114,12 @@ def _overwrite_arg(p: argparse.ArgumentParser) -> None:
                         "written and verified; the earlier run's other files are then removed)")
 
 
+def _cancel_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--cancel-file", metavar="PATH",
+                   help="stop cleanly (after the current step/stage, saving what is resumable) once PATH "
+                        "exists; how the Slicer panels cancel a background job on every OS")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="gvsl",
@@ -152,6 +159,11 @@ def main(argv: Optional[List[str]] = None) -> int:
             return int(handler(args) or 0)
     except KeyboardInterrupt:
         return report.error("interrupted", kind="interrupted", exit_code=130)
+    except Cancelled as exc:
+        if report.json_mode:
+            report._json({"event": "cancelled", "task": args.command, "stopped_by": str(exc)})
+        print(f"gvsl {args.command}: cancelled ({exc})", file=sys.stderr, flush=True)
+        return 130
     except GVSLError as exc:
         kind = "environment" if isinstance(exc, errors.EnvironmentFault) else "user"
         return report.error(str(exc), kind=kind, exit_code=exc.exit_code)
@@ -249,6 +261,7 @@ def _add_register(sub) -> None:
                         "network grid, where the field is exact and small)")
     p.add_argument("--no-overview", action="store_true", help="do not draw overview.png")
     _overwrite_arg(p)
+    _cancel_arg(p)
     _progress_arg(p)
 
 
@@ -298,6 +311,10 @@ def _add_pretrain(sub) -> None:
     p.add_argument("--cache-dir", help="where preprocessed volumes are cached (default OUT/cache)")
     p.add_argument("--no-augment", action="store_true", help="disable the spatial/appearance augmentation")
     _overwrite_arg(p)
+    p.add_argument("--model-channels", type=int, nargs=9, metavar="C",
+                   help="advanced: the U-Net's 9 channel widths (default the published 32 64 128 256 512 256 "
+                        "128 64 32); smaller widths give a faster, weaker model for quick trials")
+    _cancel_arg(p)
     _progress_arg(p)
 
 

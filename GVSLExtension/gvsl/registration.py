@@ -353,7 +353,7 @@ def run_cli(args) -> int:
     from gvsl.errors import WarningRecorder, current_sink, warnings_to
     from gvsl.io import read_volume
     from gvsl.outputs import RunFolder
-    from gvsl.progress import Progress, json_safe
+    from gvsl.progress import CancelToken, Progress, json_safe
     inputs = {"--fixed": args.fixed, "--moving": args.moving, "--model": args.model,
               "--fixed-labels": args.fixed_labels, "--moving-labels": args.moving_labels}
     with RunFolder(args.out, "register", inputs, overwrite=getattr(args, "overwrite", False)) as folder:
@@ -368,7 +368,8 @@ def run_cli(args) -> int:
                           moving_labels=moving_labels, preset=args.preset,
                           network_spacing_mm=args.network_spacing,
                           max_network_voxels=args.max_network_voxels, precision=args.precision,
-                          full_resolution=getattr(args, "full_resolution", False), progress=progress)
+                          full_resolution=getattr(args, "full_resolution", False), progress=progress,
+                          cancel=CancelToken(watch_file=getattr(args, "cancel_file", None)))
         result.metrics["warnings"] = read_warnings.messages + list(result.metrics.get("warnings", []))
         files = folder.commit(write_outputs(result, folder.staging(), fixed, moving, overview=not args.no_overview))
     if args.progress == "json":

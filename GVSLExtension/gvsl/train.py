@@ -246,10 +246,10 @@ def run_cli(args) -> int:
         batch_size=args.batch_size, crop=args.crop, lr=args.lr, device=args.device,
         precision=args.precision, seed=args.seed, save_every=args.save_every, progress=args.progress,
         resume=args.resume, init=args.init, augment=not args.no_augment, cache_dir=args.cache_dir,
-        overwrite=args.overwrite)
+        overwrite=args.overwrite, model_channels=getattr(args, "model_channels", None))
     rank = int(os.environ.get("RANK", "0"))
     try:
-        summary = pretrain(config)
+        summary = pretrain(config, cancel=CancelToken(watch_file=getattr(args, "cancel_file", None)))
     except TrainingError as exc:
         if rank != 0 and exc.collective:
             return 2  # every rank raised it together: rank 0 prints the one message
