@@ -1,21 +1,23 @@
 """GVSL Registration: align a moving volume to a fixed one with a GVSL model (affine + deformable).
 
-Thin Slicer module: the panel wires widgets to GVSLRegistrationLib (MRML logic, no Qt), which
-calls the gvsl engine through gvsl_mrml. PyTorch is checked (and offered for install through
-the PyTorch extension) on first use, never at import.
+Thin Slicer module: the panel wires widgets to GVSLRegistrationLib (MRML logic, no Qt). Apply runs
+`gvsl register` in the background (gvsl_slicer.jobs), so Slicer never freezes and Cancel stops it
+within a second; the results become nodes like GVSLRegistrationLib.register_volumes makes them.
+Choices are kept in a parameter node (saved with the scene). Dependencies are checked on Apply.
 """
-import importlib.util
 import logging
 import os
+import pathlib
+from typing import Annotated, Union
 
-import qt
 import slicer
 import vtk
+from slicer.parameterNodeWrapper import WithinRange, parameterNodeWrapper
 from slicer.ScriptedLoadableModule import (ScriptedLoadableModule, ScriptedLoadableModuleLogic,
                                            ScriptedLoadableModuleTest, ScriptedLoadableModuleWidget)
+from slicer.util import VTKObservationMixin
 
-MODEL_PATH_SETTING = "GVSL/ModelPath"
-TORCH_REQUIREMENT = ">=2.4"
+LabelsNode = Union[slicer.vtkMRMLSegmentationNode, slicer.vtkMRMLLabelMapVolumeNode]
 
 
 class GVSLRegistration(ScriptedLoadableModule):
@@ -30,18 +32,39 @@ class GVSLRegistration(ScriptedLoadableModule):
             "network pass predicts an affine and a deformable transform. Outputs: warped volumes "
             "(affine only, and affine + deformable), a linear and a grid transform (the linear one is "
             "nested under the grid one: put the moving volume under the linear transform to see it "
-            "aligned), the Jacobian determinant, and optionally a propagated segmentation with Dice.")
+            "aligned; take it out again before the next registration, never harden it), the Jacobian "
+            "determinant, and optionally a propagated segmentation with Dice. Runs in the background.")
         self.parent.acknowledgementText = (
             "GVSL: Geometric Visual Similarity Learning in 3D Medical Image Self-supervised Pre-training, "
             "Y. He et al., CVPR 2023.")
 
 
-class GVSLRegistrationWidget(ScriptedLoadableModuleWidget):
+@parameterNodeWrapper
+class GVSLRegistrationParameterNode:
+    fixedVolume: slicer.vtkMRMLScalarVolumeNode
+    movingVolume: slicer.vtkMRMLScalarVolumeNode
+    movingSegmentation: LabelsNode
+    fixedSegmentation: LabelsNode
+    modelPath: pathlib.Path
+    warpedVolume: slicer.vtkMRMLScalarVolumeNode
+    warpedAffineVolume: slicer.vtkMRMLScalarVolumeNode
+    affineTransform: slicer.vtkMRMLLinearTransformNode
+    deformableTransform: slicer.vtkMRMLGridTransformNode
+    jacobianVolume: slicer.vtkMRMLScalarVolumeNode
+    propagatedSegmentation: slicer.vtkMRMLSegmentationNode
+    opacity: Annotated[float, WithinRange(0.0, 1.0)] = 0.5
+
+
+class GVSLRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def __init__(self, parent=None):
         ScriptedLoadableModuleWidget.__init__(self, parent)
+        VTKObservationMixin.__init__(self)
         self.logic = None
-        self.outputs = None
-        self.cancelToken = None
+        self.job = None
+        self.poller = None
+        self.session = None
+        self._parameterNode = None
+        self._parameterNodeGuiTag = None
         self._devicesChecked = False
 
     def setup(self):
@@ -51,51 +74,97 @@ class GVSLRegistrationWidget(ScriptedLoadableModuleWidget):
         self.ui = slicer.util.childWidgetVariables(uiWidget)
         uiWidget.setMRMLScene(slicer.mrmlScene)
         self.logic = GVSLRegistrationLogic()
-
-        self.ui.deviceComboBox.addItems(["auto", "cpu"])
-        self.ui.modelPathLineEdit.currentPath = qt.QSettings().value(MODEL_PATH_SETTING, "") or ""
-        for selector in (self.ui.fixedVolumeSelector, self.ui.movingVolumeSelector):
-            selector.connect("currentNodeChanged(vtkMRMLNode*)", self.updateApplyState)
-        self.ui.modelPathLineEdit.connect("currentPathChanged(QString)", self.onModelPathChanged)
+        from GVSLRegistrationLib import RegistrationSession
+        self.session = RegistrationSession(slicer.mrmlScene)
+        self.ui.deviceComboBox.addItem("auto", "auto")
+        self.ui.deviceComboBox.addItem("cpu", "cpu")
         self.ui.applyButton.connect("clicked(bool)", self.onApply)
         self.ui.cancelButton.connect("clicked(bool)", self.onCancel)
+        self.ui.removeGvslTransformButton.connect("clicked(bool)", self.onRemoveGvslTransform)
         self.ui.overlayAffineRadioButton.connect("toggled(bool)", self.onOverlayChanged)
         self.ui.overlayNetworkRadioButton.connect("toggled(bool)", self.onOverlayChanged)
-        self.ui.opacitySliderWidget.connect("valueChanged(double)", self.onOverlayChanged)
+        self.ui.opacitySliderWidget.connect("valueChanged(double)", self.onOpacityChanged)
         self.ui.dvfComboBox.connect("currentIndexChanged(int)", self.onDvfChanged)
-        self.updateApplyState()
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
+        self.ui.cancelButton.enabled = False
+        self.initializeParameterNode()
+
+    def cleanup(self):
+        self.removeObservers()
+        if self.session is not None:
+            self.session.close()
+        if self.job is not None and self.job.state == "running":
+            self.job.kill()
 
     def enter(self):
+        self.initializeParameterNode()
         self.refreshDevices()
+
+    def exit(self):
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self._parameterNodeGuiTag = None
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateApplyState)
+
+    def onSceneStartClose(self, caller, event):
+        if self.job is not None and self.job.state == "running":
+            self.job.cancel()
+        self.setParameterNode(None)
+
+    def onSceneEndClose(self, caller, event):
+        if self.parent.isEntered:
+            self.initializeParameterNode()
+
+    def initializeParameterNode(self):
+        self.setParameterNode(self.logic.getParameterNode())
+        modelPath = str(self._parameterNode.modelPath)
+        if modelPath in ("", "."):
+            from gvsl_slicer.models import ModelStore
+            current = ModelStore().current_path()
+            if current:
+                self._parameterNode.modelPath = pathlib.Path(current)
+
+    def setParameterNode(self, parameterNode):
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateApplyState)
+        self._parameterNode = parameterNode
+        if self._parameterNode:
+            self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
+            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateApplyState)
         self.updateApplyState()
 
     def refreshDevices(self):
-        """Offer CUDA / MPS when an installed PyTorch sees a GPU (checked only if torch is installed)."""
-        if self._devicesChecked or importlib.util.find_spec("torch") is None:
+        if self._devicesChecked:
             return
         self._devicesChecked = True
-        try:
-            import torch
-            mps = getattr(torch.backends, "mps", None)
-            for name, available in (("cuda", torch.cuda.is_available()),
-                                    ("mps", bool(mps is not None and mps.is_available()))):
-                if available and self.ui.deviceComboBox.findText(name) < 0:
-                    self.ui.deviceComboBox.addItem(name)
-        except Exception as exc:  # a broken torch install must not break the panel
-            logging.warning(f"GVSL: could not check CUDA: {exc}")
+        from gvsl_slicer.devices import list_devices
+        self.ui.deviceComboBox.clear()
+        for value, label in list_devices():
+            self.ui.deviceComboBox.addItem(label, value)
 
-    def onModelPathChanged(self, path):
-        qt.QSettings().setValue(MODEL_PATH_SETTING, path)
-        self.updateApplyState()
+    def _modelPath(self):
+        path = str(self._parameterNode.modelPath) if self._parameterNode else ""
+        return "" if path == "." else path
 
     def updateApplyState(self, *_):
-        from GVSLRegistrationLib import validate_inputs
-        reason = validate_inputs(self.ui.fixedVolumeSelector.currentNode(), self.ui.movingVolumeSelector.currentNode(),
-                                 self.ui.modelPathLineEdit.currentPath)
-        busy = self.cancelToken is not None
+        from GVSLRegistrationLib import gvsl_transform_of, validate_inputs
+        p = self._parameterNode
+        busy = self.job is not None and self.job.state == "running"
+        reason = "Loading..." if p is None else validate_inputs(p.fixedVolume, p.movingVolume, self._modelPath())
         self.ui.applyButton.enabled = reason is None and not busy
-        self.ui.applyButton.toolTip = reason or "Register the moving volume to the fixed volume."
-        self.ui.statusLabel.text = reason or ""
+        self.ui.applyButton.toolTip = reason or "Register the moving volume to the fixed volume (in the background)."
+        self.ui.removeGvslTransformButton.visible = p is not None and gvsl_transform_of(p.movingVolume) is not None
+        if not busy:
+            self.ui.statusLabel.text = reason or ""
+
+    def onRemoveGvslTransform(self):
+        from GVSLRegistrationLib import remove_gvsl_transform
+        if not remove_gvsl_transform(self._parameterNode.movingVolume):
+            slicer.util.warningDisplay("The GVSL transform is not the moving volume's direct parent; take the "
+                                       "volume out of its other transforms in the Data module.")
+        self.updateApplyState()
 
     def onProgress(self, record):
         if record.get("event") == "stage":
@@ -107,90 +176,88 @@ class GVSLRegistrationWidget(ScriptedLoadableModuleWidget):
                                         f"(local NCC {record.get('ncc', 0.0):.3f})")
         elif record.get("event") == "warning":
             logging.warning(f"GVSL: {record.get('message')}")
-        slicer.app.processEvents()
 
     def onCancel(self):
-        if self.cancelToken is not None:
-            self.cancelToken.cancel("cancelled by the user")
+        if self.job is not None:
+            self.job.cancel()
+            self.ui.statusLabel.text = "Cancelling..."
 
     def onApply(self):
-        with slicer.util.tryWithErrorDisplay("GVSL registration failed.", waitCursor=True):
-            if not self.logic.ensureTorch():
-                return
-            from gvsl.progress import Cancelled, CancelToken
-            from GVSLRegistrationLib import RegistrationOutputs, format_metrics
-            ui = self.ui
+        with slicer.util.tryWithErrorDisplay("GVSL registration failed to start.", waitCursor=True):
+            for warning in self.logic.ensureDependencies():
+                slicer.util.warningDisplay(warning)
+            from gvsl_slicer.qtjob import JobPoller
+            from GVSLRegistrationLib import RegistrationOutputs, start_registration
+            p = self._parameterNode
             outputs = RegistrationOutputs(
-                warped_volume=ui.warpedVolumeSelector.currentNode(),
-                warped_affine_volume=ui.warpedAffineVolumeSelector.currentNode(),
-                affine_transform=ui.affineTransformSelector.currentNode(),
-                deformable_transform=ui.deformableTransformSelector.currentNode(),
-                jacobian_volume=ui.jacobianVolumeSelector.currentNode(),
-                propagated_segmentation=ui.propagatedSegmentationSelector.currentNode())
-            self.cancelToken = CancelToken()
-            ui.cancelButton.enabled = True
+                warped_volume=p.warpedVolume, warped_affine_volume=p.warpedAffineVolume,
+                affine_transform=p.affineTransform, deformable_transform=p.deformableTransform,
+                jacobian_volume=p.jacobianVolume, propagated_segmentation=p.propagatedSegmentation)
+            self.job = start_registration(p.fixedVolume, p.movingVolume, self._modelPath(),
+                                          self.ui.deviceComboBox.currentData or "auto",
+                                          moving_segmentation=p.movingSegmentation,
+                                          fixed_segmentation=p.fixedSegmentation, outputs=outputs,
+                                          on_event=self.onProgress, refine=int(self.ui.refineStepsSpinBox.value))
+            self.poller = JobPoller(self.job, self.onFinished, interval_ms=100).start()
+            self.ui.cancelButton.enabled = True
+            self.ui.statusLabel.text = "Starting the registration..."
             self.updateApplyState()
-            try:
-                self.outputs = self.logic.run(
-                    ui.fixedVolumeSelector.currentNode(), ui.movingVolumeSelector.currentNode(),
-                    ui.modelPathLineEdit.currentPath, ui.deviceComboBox.currentText,
-                    moving_segmentation=ui.movingSegmentationSelector.currentNode(),
-                    fixed_segmentation=ui.fixedSegmentationSelector.currentNode(),
-                    outputs=outputs, progress=self.onProgress, cancel=self.cancelToken,
-                    refine=int(ui.refineStepsSpinBox.value))
-            except Cancelled:
-                ui.statusLabel.text = "Cancelled."
-                return
-            finally:
-                self.cancelToken = None
-                ui.cancelButton.enabled = False
-                ui.progressBar.value = 0
-                self.updateApplyState()
-            ui.progressBar.value = 100
-            ui.metricsLabel.text = format_metrics(self.outputs.metrics)
-            ui.overlayDeformableRadioButton.checked = True
-            self.onOverlayChanged()
-            self.onDvfChanged()
+
+    def onFinished(self, job):
+        self.ui.cancelButton.enabled = False
+        self.ui.progressBar.value = 100 if job.state == "done" else 0
+        self.updateApplyState()
+        if job.state == "cancelled":
+            self.ui.statusLabel.text = "Cancelled."
+            return
+        if job.state == "failed":
+            self.ui.statusLabel.text = "Failed."
+            slicer.util.errorDisplay(f"GVSL registration failed: {job.error}")
+            return
+        from GVSLRegistrationLib import format_metrics
+        self.session.set_outputs(job.outputs)
+        p = self._parameterNode
+        if p is not None:
+            p.warpedVolume, p.warpedAffineVolume = job.outputs.warped_volume, job.outputs.warped_affine_volume
+            p.affineTransform, p.deformableTransform = job.outputs.affine_transform, job.outputs.deformable_transform
+            p.jacobianVolume, p.propagatedSegmentation = job.outputs.jacobian_volume, job.outputs.propagated_segmentation
+        self.ui.metricsLabel.text = format_metrics(job.outputs.metrics)
+        self.ui.statusLabel.text = "Done."
+        self.ui.overlayDeformableRadioButton.checked = True
+        self.onOverlayChanged()
+        self.onDvfChanged()
 
     def onOverlayChanged(self, *_):
-        if self.outputs is None or self.outputs.warped_volume is None:
-            return
-        from GVSLRegistrationLib import choose_overlay, show_overlay
         stage = ("affine" if self.ui.overlayAffineRadioButton.checked
                  else "network" if self.ui.overlayNetworkRadioButton.checked else "deformable")
-        warped = choose_overlay(self.outputs, stage)
-        show_overlay(self.outputs.fixed_volume, warped, self.ui.opacitySliderWidget.value)
+        self.session.show(stage, self.ui.opacitySliderWidget.value)
+
+    def onOpacityChanged(self, value):
+        self.session.set_opacity(value)
 
     def onDvfChanged(self, *_):
-        if self.outputs is None or self.outputs.deformable_transform is None:
-            return
-        from GVSLRegistrationLib import set_dvf_display
-        set_dvf_display(self.outputs.deformable_transform, self.ui.dvfComboBox.currentText)
+        self.session.show_dvf(self.ui.dvfComboBox.currentText)
 
 
 class GVSLRegistrationLogic(ScriptedLoadableModuleLogic):
-    """Checks PyTorch, then delegates to GVSLRegistrationLib.register_volumes."""
+    """Dependency check, the parameter node, and GVSLRegistrationLib.register_volumes."""
+
+    def getParameterNode(self):
+        return GVSLRegistrationParameterNode(super().getParameterNode())
+
+    def ensureDependencies(self):
+        """torch (PyTorch extension), MONAI, matplotlib: one confirmation; testing mode never installs."""
+        from gvsl_slicer import dependencies
+        return dependencies.ensure()
 
     def ensureTorch(self, askConfirmation=True):
-        """True when torch can be imported; otherwise offer the install via the PyTorch extension."""
-        if importlib.util.find_spec("torch") is not None:
-            return True
-        try:
-            import PyTorchUtils
-        except ModuleNotFoundError:
-            raise RuntimeError("GVSL needs PyTorch: install the 'PyTorch' extension from the Extensions "
-                               "Manager, restart Slicer, and try again.") from None
-        torchLogic = PyTorchUtils.PyTorchUtilsLogic()
-        if torchLogic.torchInstalled():
-            return True
-        torch = torchLogic.installTorch(askConfirmation=askConfirmation, torchVersionRequirement=TORCH_REQUIREMENT)
-        if torch is None:
-            slicer.util.warningDisplay("PyTorch was not installed, so GVSL cannot run. Use the PyTorch Utils "
-                                       "module to install it (choose a CUDA backend to use the GPU).")
-            return False
+        """True when the dependencies are usable (kept for scripts written against earlier versions)."""
+        from gvsl_slicer import dependencies
+        dependencies.ensure(confirm=None if askConfirmation else (lambda text: True))
         return True
 
     def run(self, fixedNode, movingNode, modelPath, device="auto", **kwargs):
+        """Blocking, in-process registration (console/tests); the panel uses start_registration."""
         from GVSLRegistrationLib import register_volumes
         return register_volumes(fixedNode, movingNode, modelPath, device, **kwargs)
 

@@ -224,6 +224,37 @@ def test_default_draws_stay_in_the_published_ranges_without_folding():
     assert not torch.equal(d[0], d[1])  # each batch item its own draw
 
 
+def published_translation_fraction(n=32, drawn=0.1):
+    """The shift, as a fraction of the size, that the published augmentation applies for its
+    largest translation draw (``trans_x=(-0.1, 0.1)``), restated from the published code and
+    MEASURED by sampling (no assumption about normalised units): ``rand_coords`` puts
+    ``drawn * N`` in the matrix's last column, ``AffineTransformer`` divides that column by N
+    and calls ``F.affine_grid`` + ``F.grid_sample`` (PyTorch defaults, align_corners=False)."""
+    mat = torch.zeros(1, 3, 4)
+    mat[0, :, :3] = torch.eye(3)
+    mat[0, :, 3] = drawn * n
+    norm = torch.tensor([[1, 1, 1, n], [1, 1, 1, n], [1, 1, 1, n]], dtype=torch.float)[None]
+    grid = F.affine_grid(mat / norm, [1, 1, n, n, n], align_corners=False)
+    ramp = torch.arange(n, dtype=torch.float32).view(1, 1, 1, 1, n).expand(1, 1, n, n, n).contiguous()  # value = x index
+    sampled = F.grid_sample(ramp, grid, mode="bilinear", align_corners=False)
+    c = n // 2
+    shift_voxels = float(sampled[0, 0, c, c, c] - ramp[0, 0, c, c, c])
+    return shift_voxels / n
+
+
+def test_default_translation_is_the_published_five_percent():
+    fraction = published_translation_fraction()
+    assert abs(fraction - 0.05) < 1e-4  # the published settings move ±5 %, not ±10 %
+    assert augment.TRANSLATION_FRACTION == pytest.approx(fraction, abs=1e-4)
+    shape = (33, 31, 29)  # odd: the centre voxel's affine displacement is the translation
+    d = random_spatial_transform(64, shape, gen(3), "cpu", rotation=0.0, scale=(1.0, 1.0), shear=0.0, p_elastic=0.0)
+    centre = d[:, :, 16, 15, 14]
+    for axis, n in enumerate(shape):
+        t = centre[:, axis] / n
+        assert torch.all(t.abs() <= fraction + 1e-4), (axis, float(t.abs().max()))
+        assert t.max() > 0.8 * fraction and t.min() < -0.8 * fraction  # the whole ±5 % range is used
+
+
 def direct_simard(shape, alpha, sigma, rng):
     """Reference elastic field: uniform [-1, 1] per voxel smoothed by a normalised Gaussian
     (radius int(4 sigma + 0.5), as the published code / scipy), times alpha. The noise extends

@@ -21,7 +21,7 @@ def test_cpu_inference_is_channels_last_and_equals_contiguous():
     a, b = (rng.random((20, 24, 28), dtype=np.float32) for _ in range(2))
     with torch.no_grad():
         ref = model.register(torch.from_numpy(a)[None, None], torch.from_numpy(b)[None, None])
-    inf = Inference(model, "cpu", precision="fp32")  # "auto" may pick bf16 on AMX CPUs
+    inf = Inference(model, "cpu", precision="fp32")
     assert inf.precision.name == "fp32" and inf.precision.channels_last
     mat, flow, la = inf.run(lambda m, x, y: m.register(x, y), a, b)
     assert flow.shape == (1, 3, 20, 24, 28) and flow.dtype == torch.float32 and flow.device.type == "cpu"

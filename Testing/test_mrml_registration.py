@@ -305,6 +305,10 @@ def test_module_logic_and_selftest_run_headless(scene, monkeypatch):
     base.ScriptedLoadableModuleTest = ScriptedLoadableModuleTest
     monkeypatch.setitem(sys.modules, "slicer.ScriptedLoadableModule", base)
     monkeypatch.setitem(sys.modules, "qt", types.ModuleType("qt"))
+    wrapper = types.ModuleType("slicer.parameterNodeWrapper")  # not in the wheel either
+    wrapper.parameterNodeWrapper = lambda cls: cls
+    wrapper.WithinRange = lambda low, high: (low, high)
+    monkeypatch.setitem(sys.modules, "slicer.parameterNodeWrapper", wrapper)
     path = Path(__file__).resolve().parents[1] / "GVSLRegistration" / "GVSLRegistration.py"
     spec = importlib.util.spec_from_file_location("GVSLRegistration_headless", path)
     module = importlib.util.module_from_spec(spec)

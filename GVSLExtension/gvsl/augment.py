@@ -45,10 +45,17 @@ Appearance transformation T (the paper; the published ``AppearanceTransform``; i
 
 Spatial augmentation (published ``SpatialTransform`` settings of ``Train_GVSL.py``): an affine with
 rotation uniform in ±π/9 about each axis, scale uniform in [0.75, 1.25] per axis, translation
-uniform in ±10 % of the size along each axis, shear uniform in ±π/18 (6 terms), built with
+uniform in ±5 % of the size along each axis (``TRANSLATION_FRACTION``, derived below), shear
+uniform in ±π/18 (6 terms), built with
 :func:`gvsl.geometry.affine_matrix` (matrix = Shear · Scale · Rz · Ry · Rx about the volume centre);
 and a Simard elastic deformation with alpha uniform in [0, 512] and sigma uniform in [10, 13]
-voxels. The published code applies both to every pair, so ``p_affine`` and ``p_elastic`` default
+voxels. Translation, from the published normalisation: ``SpatialTransform.rand_coords`` draws
+``t = U(-0.1, 0.1) * N`` (N = the crop size) into the last column of the matrix, and
+``AffineTransformer`` divides that column by N before ``F.affine_grid``, which works in
+normalised [-1, 1] coordinates where 2 units span the N voxels (align_corners=False): one unit
+is N/2 voxels. So the sampling grid moves by U(-0.1, 0.1) units = U(-0.1, 0.1) * N/2 voxels =
+U(-0.05, 0.05) * N: ±5 % of the size, not the ±10 % that the settings' numbers suggest (the
+same factor 0.5 that :mod:`gvsl.checkpoint` applies to the published ``fc_trans``). The published code applies both to every pair, so ``p_affine`` and ``p_elastic`` default
 to 1. They are composed into ONE displacement ``phi(p) = A(p + u(p))`` with
 :func:`gvsl.geometry.fuse` (the elastic field u first, then the affine), so each volume is
 interpolated once (the reference interpolates twice). Elastic field: the classic one is
@@ -72,6 +79,7 @@ from typing import Optional, Sequence, Tuple, Union
 import torch
 
 from gvsl import geometry
+from gvsl.errors import GVSLError
 
 Range = Union[float, Tuple[float, float]]
 
@@ -82,9 +90,10 @@ BEZIER_CURVE_SAMPLES = 10001
 BEZIER_TABLE_SIZE = 4097
 ELASTIC_LATTICE_SPACING = 0.5  # coarse noise spacing h, in units of sigma
 ELASTIC_RADIUS = 4.0           # Gaussian support, in sigmas (as the reference / scipy)
+TRANSLATION_FRACTION = 0.05      # published ±0.1·N through its [-1, 1] normalisation: ±5 % of the size
 
 
-class AugmentError(ValueError):
+class AugmentError(GVSLError, ValueError):
     """Invalid input to the augmentation functions, with what is wrong and how to fix it."""
 
 
@@ -324,7 +333,7 @@ def _elastic_displacement(shape: Sequence[int], alpha: float, sigma: float, gene
 
 def random_spatial_transform(batch: int, shape: Sequence[int], generator: torch.Generator, device=None, *,
                              rotation: Range = math.pi / 9, scale: Range = (0.75, 1.25),
-                             translation: Range = 0.10, shear: Range = math.pi / 18,
+                             translation: Range = TRANSLATION_FRACTION, shear: Range = math.pi / 18,
                              elastic_alpha: Range = (0.0, 512.0), elastic_sigma: Range = (10.0, 13.0),
                              p_affine: float = 1.0, p_elastic: float = 1.0) -> torch.Tensor:
     """One random spatial transform per batch item, as ONE displacement (B, 3, D, H, W).

@@ -1,18 +1,37 @@
 """The ``gvsl`` command: ``gvsl <command> [options]``; ``gvsl --help`` lists the commands.
 
-Each command's options are declared here (argparse only, so ``--help`` is instant) and its
-work is imported on use. Errors that users can fix are printed as one ``error:`` line (and as a
-JSON ``{"event": "error"}`` line with ``--progress json``), exit code 2; no traceback.
+Each command's options are declared here (argparse only, so ``--help`` is instant and imports
+no torch) and its work is imported on use. Failures, each one ``error:`` line on stderr and,
+with ``--progress json``, exactly one ``{"event": "error", "kind": ..., "message": ...}`` line:
+
+* a :class:`gvsl.errors.GVSLError` (bad input or option; ``kind`` "user"): exit 2;
+* disk full, permission denied, read-only file system (``kind`` "environment"): exit 1;
+* anything else is a bug (``kind`` "unexpected"): a short message naming a log file that holds
+  the traceback (``$GVSL_LOG_DIR`` or ``<tmp>/gvsl-logs``), exit 1;
+* bad options (``kind`` "usage"): argparse's message, exit 2. Numbers are checked at parsing
+  (finite, in range), so ``--lr nan`` never reaches the computation.
+
+Warnings (:func:`gvsl.errors.warn` and Python warnings) are ``warning:`` lines on stderr, or
+``{"event": "warning"}`` lines with ``--progress json``.
 """
 from __future__ import annotations
 
 import argparse
 import importlib
 import json
+import math
+import os
+import re
 import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
-from gvsl import __version__
+from gvsl import __version__, errors
+from gvsl.errors import GVSLError
+from gvsl.progress import Cancelled
 
 # command name -> "module:function" taking the parsed args, returning an exit code
 HANDLERS: Dict[str, str] = {}
@@ -39,8 +58,70 @@ def _progress_arg(p: argparse.ArgumentParser, default: str = "bar") -> None:
                         f"bar: a progress bar on stderr; none (default: {default})")
 
 
+class _ParseError(Exception):
+    def __init__(self, message: str, parser: argparse.ArgumentParser, command: Optional[str]):
+        super().__init__(message)
+        self.parser = parser
+        self.command = command
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that raises (so ``main`` can also report the error as a JSON event)."""
+
+    def error(self, message):  # noqa: D401 - argparse's hook
+        command = self.prog.split()[1] if len(self.prog.split()) > 1 else None
+        # "argument --lr: must be ..." (our type functions) -> "--lr must be ...", the house style
+        match = re.match(r"^argument (--[\w-]+)(?:/[^:]*)?: (must be .*)$", message)
+        if match:
+            message = f"{match.group(1)} {match.group(2)}"
+        raise _ParseError(message, self, command)
+
+
+def _json_mode(argv: List[str]) -> bool:
+    for i, a in enumerate(argv):
+        if a == "--progress" and i + 1 < len(argv) and argv[i + 1] == "json":
+            return True
+        if a == "--progress=json":
+            return True
+    return False
+
+
+# argparse type functions: numbers are refused at parsing unless finite (and in range)
+def _number(kind: type, minimum: Optional[float] = None, strict: bool = False):
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"must be {'an integer' if kind is int else 'a number'} (got {text!r})") from None
+        if kind is float and not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"must be a finite number (got {text!r})")
+        if minimum is not None and (value <= minimum if strict else value < minimum):
+            raise argparse.ArgumentTypeError(f"must be {'>' if strict else '>='} {minimum:g} (got {text})")
+        return value
+    parse.__name__ = kind.__name__  # argparse names the type in its messages
+    return parse
+
+
+positive_float = _number(float, 0.0, strict=True)
+positive_int = _number(int, 1)
+nonnegative_int = _number(int, 0)
+
+
+def _overwrite_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the results of an earlier run in --out (only once every new file is "
+                        "written and verified; the earlier run's other files are then removed)")
+
+
+def _cancel_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--cancel-file", metavar="PATH",
+                   help="stop cleanly (after the current step/stage, saving what is resumable) once PATH "
+                        "exists; how the Slicer panels cancel a background job on every OS")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="gvsl",
         description="GVSL (Geometric Visual Similarity Learning): self-supervised pre-training, "
                     "registration and segmentation of 3D medical images.")
@@ -51,47 +132,99 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-class UserError(Exception):
-    """An error caused by the user's input, reported without a traceback."""
-
-
-def _user_error_types():
-    types = [UserError, FileNotFoundError]
-    try:
-        from gvsl.checkpoint import CheckpointError
-        from gvsl.device import DeviceError
-        types += [CheckpointError, DeviceError]
-    except ImportError:  # pragma: no cover
-        pass
-    for mod, name in (("gvsl.io", "VolumeError"), ("gvsl.registration", "RegistrationError"),
-                      ("gvsl.train", "TrainingError")):
-        try:
-            types.append(getattr(importlib.import_module(mod), name))
-        except (ImportError, AttributeError):
-            pass
-    return tuple(types)
+UserError = GVSLError  # the former name of the user-error base class, kept for callers
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    """Run ``gvsl``; returns the exit code (0 ok, 2 a user-fixable error, 1 an environment
+    fault or a bug, 130/143 interrupted). With ``--progress json`` every failure is also
+    exactly one ``{"event": "error", ...}`` line on stdout."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    json_mode = _json_mode(argv)
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except _ParseError as exc:
+        exc.parser.print_usage(sys.stderr)
+        report = _Report(exc.command or "gvsl", json_mode)
+        return report.error(f"{exc}", kind="usage", exit_code=2)
     if not args.command:
         parser.print_help()
         return 0
+    report = _Report(args.command, getattr(args, "progress", None) == "json")
     module_name, func_name = HANDLERS[args.command].split(":")
     try:
-        handler = getattr(importlib.import_module(module_name), func_name)
-        return int(handler(args) or 0)
+        with errors.warnings_to(report.warning):
+            handler = getattr(importlib.import_module(module_name), func_name)
+            return int(handler(args) or 0)
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        return report.error("interrupted", kind="interrupted", exit_code=130)
+    except Cancelled as exc:
+        if report.json_mode:
+            report._json({"event": "cancelled", "task": args.command, "stopped_by": str(exc)})
+        print(f"gvsl {args.command}: cancelled ({exc})", file=sys.stderr, flush=True)
         return 130
-    except Exception as exc:  # noqa: BLE001 - user errors become one line, the rest re-raise
-        if not isinstance(exc, _user_error_types()):
-            raise
-        if getattr(args, "progress", None) == "json":
-            print(json.dumps({"event": "error", "message": str(exc)}), flush=True)
-        print(f"gvsl {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+    except GVSLError as exc:
+        kind = "environment" if isinstance(exc, errors.EnvironmentFault) else "user"
+        return report.error(str(exc), kind=kind, exit_code=exc.exit_code)
+    except FileNotFoundError as exc:
+        return report.error(f"{exc.filename or exc}: file or folder not found", kind="user", exit_code=2)
+    except OSError as exc:
+        if errors.is_environment_fault(exc):
+            fault = errors.environment_fault(exc)
+            return report.error(str(fault), kind="environment", exit_code=fault.exit_code)
+        return report.unexpected(exc)
+    except Exception as exc:  # noqa: BLE001 - a bug: short message + traceback in a log file
+        return report.unexpected(exc)
+
+
+class _Report:
+    """How one command reports warnings and its failure: one line on stderr, and one JSON
+    event on stdout with ``--progress json``."""
+
+    def __init__(self, command: str, json_mode: bool):
+        self.command = command
+        self.json_mode = json_mode
+
+    def _json(self, record: dict) -> None:
+        from gvsl.progress import json_safe
+        print(json.dumps(json_safe(record)), flush=True)
+
+    def warning(self, message: str) -> None:
+        if self.json_mode:
+            self._json({"event": "warning", "task": self.command, "message": message})
+        else:
+            print(f"gvsl {self.command}: warning: {message}", file=sys.stderr, flush=True)
+
+    def error(self, message: str, kind: str, exit_code: int, **extra) -> int:
+        message = " ".join(str(message).splitlines())  # one line, whatever the exception held
+        if self.json_mode:
+            self._json({"event": "error", "task": self.command, "kind": kind, "message": message,
+                        "exit_code": exit_code, **extra})
+        print(f"gvsl {self.command}: error: {message}", file=sys.stderr, flush=True)
+        return exit_code
+
+    def unexpected(self, exc: BaseException) -> int:
+        log = _write_crash_log(self.command, exc)
+        first = (str(exc).strip().splitlines() or [""])[0][:300]
+        where = f"the traceback is in {log}" if log else "the traceback could not be saved"
+        message = (f"unexpected {type(exc).__name__}: {first} (this is a bug in gvsl; {where}; "
+                   "please include that file in a bug report)")
+        return self.error(message, kind="unexpected", exit_code=1, log=str(log) if log else None)
+
+
+def _write_crash_log(command: str, exc: BaseException) -> Optional[Path]:
+    """Save ``exc``'s traceback (and the command line) to a new file; returns its path."""
+    text = (f"gvsl {__version__} {command}\nargv: {sys.argv!r}\npython: {sys.version}\n\n"
+            + "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)))
+    folder = Path(os.environ.get("GVSL_LOG_DIR") or Path(tempfile.gettempdir()) / "gvsl-logs")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"gvsl-{command}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
+        path.write_text(text, encoding="utf-8")
+        return path
+    except OSError:
+        return None
 
 
 # ---------------------------------------------------------------------------------------
@@ -119,9 +252,9 @@ def _add_register(sub) -> None:
                    help="network precision (default auto: bf16 on CUDA and on CPUs with native bf16)")
     p.add_argument("--preset", choices=("ct", "mr"), default=None,
                    help="intensity normalisation (default: the checkpoint's, else guessed: min < -500 -> ct)")
-    p.add_argument("--network-spacing", type=float, default=None, metavar="MM",
+    p.add_argument("--network-spacing", type=positive_float, default=None, metavar="MM",
                    help="isotropic spacing of the network grid in mm (default: the checkpoint's, else 1.0)")
-    p.add_argument("--max-network-voxels", type=int, default=160 ** 3, metavar="N",
+    p.add_argument("--max-network-voxels", type=_number(int, 8), default=160 ** 3, metavar="N",
                    help="coarsen the network grid beyond N voxels (default 160^3 = 4096000)")
     p.add_argument("--full-resolution", action="store_true",
                    help="write displacement.nii.gz and jacobian.nii.gz on the fixed image's grid (default: on the "
@@ -133,6 +266,8 @@ def _add_register(sub) -> None:
     p.add_argument("--fixed-mask", help="mask of the fixed volume (non-zero = inside): refinement counts the "
                                         "similarity only there")
     p.add_argument("--no-overview", action="store_true", help="do not draw overview.png")
+    _overwrite_arg(p)
+    _cancel_arg(p)
     _progress_arg(p)
 
 
@@ -167,20 +302,25 @@ def _add_pretrain(sub) -> None:
     p.add_argument("--out", required=True, help="output folder (checkpoints, history, loss curve)")
     p.add_argument("--preset", choices=("ct", "mr"), default="ct",
                    help="intensity preset: ct = (HU + 1024) clipped to [0, 2048] / 2048; mr = min-max (default ct)")
-    p.add_argument("--spacing", type=float, default=1.0, help="isotropic resampling spacing in mm (default 1)")
-    p.add_argument("--steps", type=int, default=1000, help="optimisation steps (default 1000)")
-    p.add_argument("--batch-size", type=int, default=2, help="pairs per step and process (default 2)")
-    p.add_argument("--crop", type=int, default=128, help="cubic crop side in voxels (default 128)")
-    p.add_argument("--lr", type=float, default=1e-4, help="Adam learning rate (default 1e-4)")
+    p.add_argument("--spacing", type=positive_float, default=1.0, help="isotropic resampling spacing in mm (default 1)")
+    p.add_argument("--steps", type=positive_int, default=1000, help="optimisation steps (default 1000)")
+    p.add_argument("--batch-size", type=positive_int, default=2, help="pairs per step and process (default 2)")
+    p.add_argument("--crop", type=positive_int, default=128, help="cubic crop side in voxels (default 128)")
+    p.add_argument("--lr", type=positive_float, default=1e-4, help="Adam learning rate (default 1e-4)")
     _device_arg(p)
     p.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
                    help="autocast precision (auto: bf16/fp16 on CUDA, fp32 on CPU)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/gvsl_last.pt exactly")
     p.add_argument("--init", metavar="CKPT", help="start from these weights (ours or the published GVSL weights)")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    p.add_argument("--save-every", type=int, default=500, help="checkpoint every N steps (default 500)")
+    p.add_argument("--seed", type=nonnegative_int, default=0, help="random seed (default 0)")
+    p.add_argument("--save-every", type=nonnegative_int, default=500, help="checkpoint every N steps (default 500)")
     p.add_argument("--cache-dir", help="where preprocessed volumes are cached (default OUT/cache)")
     p.add_argument("--no-augment", action="store_true", help="disable the spatial/appearance augmentation")
+    _overwrite_arg(p)
+    p.add_argument("--model-channels", type=int, nargs=9, metavar="C",
+                   help="advanced: the U-Net's 9 channel widths (default the published 32 64 128 256 512 256 "
+                        "128 64 32); smaller widths give a faster, weaker model for quick trials")
+    _cancel_arg(p)
     _progress_arg(p)
 
 
@@ -191,16 +331,16 @@ def _add_demo(sub) -> None:
                        description="Runs the whole GVSL pipeline on built-in synthetic heart phantoms and writes "
                                    "pictures and a summary into --out.")
     p.add_argument("--out", default="demo-output", help="output folder (default demo-output)")
-    p.add_argument("--n", type=int, default=DEFAULTS["n"], help=f"phantoms to make (default {DEFAULTS['n']})")
-    p.add_argument("--size", type=int, default=DEFAULTS["size"], help=f"phantom size in voxels (default {DEFAULTS['size']})")
-    p.add_argument("--steps", type=int, default=DEFAULTS["steps"], help=f"pre-training steps (default {DEFAULTS['steps']})")
-    p.add_argument("--crop", type=int, default=DEFAULTS["crop"], help=f"training crop (default {DEFAULTS['crop']})")
-    p.add_argument("--batch-size", type=int, default=DEFAULTS["batch_size"],
+    p.add_argument("--n", type=positive_int, default=DEFAULTS["n"], help=f"phantoms to make (default {DEFAULTS['n']})")
+    p.add_argument("--size", type=positive_int, default=DEFAULTS["size"], help=f"phantom size in voxels (default {DEFAULTS['size']})")
+    p.add_argument("--steps", type=positive_int, default=DEFAULTS["steps"], help=f"pre-training steps (default {DEFAULTS['steps']})")
+    p.add_argument("--crop", type=positive_int, default=DEFAULTS["crop"], help=f"training crop (default {DEFAULTS['crop']})")
+    p.add_argument("--batch-size", type=positive_int, default=DEFAULTS["batch_size"],
                    help=f"pairs per step (default {DEFAULTS['batch_size']})")
-    p.add_argument("--lr", type=float, default=DEFAULTS["lr"], help=f"Adam learning rate (default {DEFAULTS['lr']})")
+    p.add_argument("--lr", type=positive_float, default=DEFAULTS["lr"], help=f"Adam learning rate (default {DEFAULTS['lr']})")
     p.add_argument("--refine", default=DEFAULTS["refine"], metavar="N",
                    help="test-time refinement steps of each registration (0 = network only; default auto)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=nonnegative_int, default=0)
     _device_arg(p)
     _progress_arg(p)
 
@@ -211,9 +351,9 @@ def _add_phantom(sub) -> None:
     p.add_argument("--kind", choices=("heart", "brain"), default="heart",
                    help="heart: cardiac CT (HU) + 7 MM-WHS labels + coronary tree; "
                         "brain: T1 MR + 28 FreeSurfer aseg labels (default: heart)")
-    p.add_argument("--n", type=int, default=4, help="number of cases (default: 4)")
-    p.add_argument("--size", type=int, default=96, help="voxels per axis, 32..512 (default: 96)")
-    p.add_argument("--seed", type=int, default=0, help="case i uses seed seed*1000+i (default: 0)")
+    p.add_argument("--n", type=positive_int, default=4, help="number of cases (default: 4)")
+    p.add_argument("--size", type=positive_int, default=96, help="voxels per axis, 32..512 (default: 96)")
+    p.add_argument("--seed", type=nonnegative_int, default=0, help="case i uses seed seed*1000+i (default: 0)")
     p.add_argument("--out", required=True,
                    help="output folder: images/, labels/ (and labels-coronary/ for heart), <kind>_<iii>.nii.gz")
     _progress_arg(p)

@@ -18,7 +18,7 @@ import json
 import time
 from pathlib import Path
 
-from gvsl.checkpoint import atomic_write_text
+from gvsl.fsio import atomic_write_text
 from gvsl.progress import Progress
 
 DEFAULTS = {"n": 6, "size": 64, "steps": 60, "crop": 48, "batch_size": 1, "lr": 1e-4, "refine": "auto"}
@@ -60,7 +60,7 @@ def run_demo(out: str | Path = "demo-output", *, n: int = DEFAULTS["n"], size: i
     summary_train = pretrain(PretrainConfig(
         images=[str(p) for p in train_images], out=str(out / "pretrain"), preset="ct", steps=steps,
         batch_size=batch_size, crop=crop, lr=lr, device=device, seed=seed, save_every=max(steps // 2, 1),
-        progress=progress))
+        progress=progress, overwrite=True))  # the demo's own sub-folder: a re-run replaces it
     timings["pretrain_s"] = round(time.perf_counter() - t, 1)
     report.update(2)
 
@@ -176,6 +176,8 @@ def registration_refine(args):
 
 
 def run_cli(args) -> int:
+    from gvsl.outputs import check_writable
+    check_writable(args.out)  # before minutes of work: --out is a writable folder
     summary = run_demo(args.out, n=args.n, size=args.size, steps=args.steps, crop=args.crop,
                        batch_size=args.batch_size, lr=args.lr, device=args.device, progress=args.progress,
                        seed=args.seed, refine=registration_refine(args))

@@ -4,9 +4,10 @@
   MPS, then the CPU. Asking for a device that is not there is an error that says what to do.
 * :class:`Precision`: the autocast dtype and memory format for a device and a purpose.
   CUDA: bf16 when the GPU supports it, else fp16 (training then uses a gradient scaler),
-  channels-last 3D. CPU inference: channels-last 3D; bf16 only on CPUs with native bf16
-  (AVX512-BF16 or AMX); elsewhere bf16 is emulated and measured here to be >100x *slower*
-  (AVX2 EPYC: 64^3 backbone fp32 1.5 s, bf16 > 200 s), so fp32. CPU training: fp32, contiguous.
+  channels-last 3D. CPU: fp32 unless ``--precision bf16`` is asked for (bf16 is emulated and
+  >100x *slower* without AVX512-BF16/AMX: AVX2 EPYC 64^3 backbone fp32 1.5 s, bf16 > 200 s; with
+  AMX it is native but moves the predicted field by up to 0.34 voxel); inference channels-last
+  3D, training contiguous.
 """
 from __future__ import annotations
 
@@ -16,10 +17,12 @@ from typing import Optional
 
 import torch
 
+from gvsl.errors import GVSLError
+
 DEVICE_CHOICES = ("auto", "cpu", "cuda", "mps")
 
 
-class DeviceError(RuntimeError):
+class DeviceError(GVSLError, RuntimeError):
     """A requested device is not available."""
 
 
@@ -118,10 +121,11 @@ def choose_precision(device: torch.device, purpose: str = "inference", requested
         return Precision(device, dtype, channels_last=True)
     if device.type == "cpu":
         if requested == "auto":
-            fast = purpose == "inference" and cpu_has_native_bf16()
-            # channels-last 3D fp32 inference: measured 1.3-2.4x faster than contiguous on AVX2
-            # CPUs, equal to ~1e-5 relative (Testing/Benchmarks/bench_inference.py)
-            return Precision(device, torch.bfloat16 if fast else None, channels_last=purpose == "inference")
+            # fp32 always: bf16 is emulated (>100x slower) without AVX512-BF16/AMX, and with them
+            # it moves the predicted field by up to 0.34 voxel (test_network); --precision bf16
+            # asks for it. Inference runs channels-last 3D: measured faster than contiguous,
+            # equal to ~1e-5 relative (Testing/Benchmarks/bench_inference.py).
+            return Precision(device, None, channels_last=purpose == "inference")
         if requested == "fp16":
             raise ValueError("fp16 autocast is not supported on the CPU; use bf16 or fp32")
         dtype = dtypes[requested]

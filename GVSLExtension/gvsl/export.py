@@ -22,8 +22,8 @@ import SimpleITK as sitk
 
 def write_transform(transform: sitk.Transform, path) -> Path:
     """Write a transform atomically (.tfm, .txt or .h5: SimpleITK picks the format by extension)."""
-    from gvsl.checkpoint import atomic_write
-    return atomic_write(path, lambda tmp: sitk.WriteTransform(transform, tmp))
+    from gvsl.fsio import write_transform as write  # atomic, verified by reading it back
+    return write(transform, path)
 
 
 def write_outputs(result, out_dir, fixed: Optional[sitk.Image] = None,
@@ -59,7 +59,7 @@ def write_outputs(result, out_dir, fixed: Optional[sitk.Image] = None,
     if overview and fixed is not None and moving is not None:
         from gvsl.pictures import registration_overview
         files["overview"] = registration_overview(fixed, moving, result, out / "overview.png")
-    from gvsl.checkpoint import atomic_write_text
+    from gvsl.fsio import atomic_write_text
     from gvsl.progress import json_safe
     files["metrics"] = atomic_write_text(out / "metrics.json", json.dumps(json_safe(result.metrics), indent=2))
     return files

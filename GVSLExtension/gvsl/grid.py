@@ -23,8 +23,10 @@ from typing import Optional
 import numpy as np
 import SimpleITK as sitk
 
+from gvsl.errors import GVSLError
 
-class GridError(ValueError):
+
+class GridError(GVSLError, ValueError):
     """A grid or field that cannot be converted, with what is wrong."""
 
 

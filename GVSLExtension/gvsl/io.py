@@ -9,8 +9,12 @@ DICOM: a folder holding one series is that series' volume. A folder holding seve
 yields one path per series, ``<folder>/<SeriesInstanceUID>`` (a *virtual* path: it does not
 exist on disk; :func:`read_volume` reads that series of ``<folder>``).
 
-Non-finite voxels (NaN/Inf) are replaced by the finite minimum of the image with a
-:class:`VolumeWarning` naming the file and the count (an image with no finite voxel is an error).
+Non-finite voxels (NaN/Inf) are replaced by the finite minimum of the image with a warning
+(:func:`gvsl.errors.warn`, a :class:`VolumeWarning` outside the command) naming the file and the
+count (an image with no finite voxel is an error); for every format, NIfTI included (whose reader
+hides them: :mod:`gvsl.verify` finds them in the raw data). A NIfTI file shorter than its header
+says (SimpleITK zero-fills it) and a DICOM series with missing or unevenly spaced slices are
+refused (:mod:`gvsl.verify`).
 
 Preprocessing is :mod:`gvsl.preprocessing` (the one contract of every command);
 :func:`preprocess` here is its shortcut returning an image.
@@ -31,17 +35,20 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
 import numpy as np
 import SimpleITK as sitk
 
+from gvsl import errors, verify
+from gvsl.errors import GVSLError, GVSLWarning
+
 PathLike = Union[str, os.PathLike]
 
 IMAGE_EXTENSIONS = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
 MIN_SIZE_VOXELS = 4
 CACHE_VERSION = 2  # 2: the gvsl.preprocessing contract (canonical orientation, centred grid)
 
-class VolumeError(ValueError):
+class VolumeError(GVSLError, ValueError):
     """A volume (or set of volumes) that cannot be used, with what is wrong and what to do."""
 
 
-class VolumeWarning(UserWarning):
+class VolumeWarning(GVSLWarning):
     """Something in a volume was repaired (e.g. NaN voxels); the message names the file."""
 
 
@@ -137,11 +144,17 @@ def _dicom_series_files(path: Path) -> Optional[Tuple[Path, List[str]]]:
     return None
 
 
-def _replace_non_finite(image: sitk.Image, name: str) -> sitk.Image:
+def _replace_non_finite(image: sitk.Image, name: str, bad_flat: Optional[np.ndarray] = None) -> sitk.Image:
+    """``image`` with NaN/Inf voxels (and the voxels at C-order ``bad_flat`` indices of its
+    (z, y, x) array: those a reader already turned into numbers, see :mod:`gvsl.verify`)
+    replaced by the finite minimum, with a warning; an image with no finite voxel is an error."""
     array = sitk.GetArrayViewFromImage(image)
-    if array.dtype.kind != "f":
+    if array.dtype.kind != "f" and (bad_flat is None or not len(bad_flat)):
         return image
-    finite = np.isfinite(array)
+    finite = np.isfinite(array) if array.dtype.kind == "f" else np.ones(array.shape, bool)
+    if bad_flat is not None and len(bad_flat):
+        finite = finite.copy()
+        finite.reshape(-1)[bad_flat] = False
     n_bad = int(finite.size - np.count_nonzero(finite))
     if n_bad == 0:
         return image
@@ -152,13 +165,14 @@ def _replace_non_finite(image: sitk.Image, name: str) -> sitk.Image:
     fixed = np.where(finite, array, fill).astype(array.dtype)
     out = sitk.GetImageFromArray(fixed)
     out.CopyInformation(image)
-    warnings.warn(f"{name}: replaced {n_bad} NaN/Inf voxel(s) by the image's finite minimum {fill:g}",
-                  VolumeWarning, stacklevel=3)
+    errors.warn(f"{name}: replaced {n_bad} NaN/Inf voxel(s) by the image's finite minimum {fill:g}",
+                VolumeWarning, stacklevel=3)
     return out
 
 
-def validate_volume(image: sitk.Image, name: str = "volume") -> sitk.Image:
-    """Check that ``image`` is a 3D scalar volume of at least 4 voxels per axis; repair NaN/Inf.
+def validate_volume(image: sitk.Image, name: str = "volume", bad_flat: Optional[np.ndarray] = None) -> sitk.Image:
+    """Check that ``image`` is a 3D scalar volume of at least 4 voxels per axis; repair NaN/Inf
+    (and the voxels at ``bad_flat``, see :func:`_replace_non_finite`).
 
     Returns ``image`` itself, or a repaired copy (never modifies ``image``).
     """
@@ -180,7 +194,9 @@ def validate_volume(image: sitk.Image, name: str = "volume") -> sitk.Image:
     if min(size) < MIN_SIZE_VOXELS:
         raise VolumeError(f"{name} has size {' x '.join(map(str, size))} voxels; each axis needs at "
                           f"least {MIN_SIZE_VOXELS} voxels (a single slice or a thin stack is not a 3D volume).")
-    return _replace_non_finite(image, name)
+    if bad_flat is not None and len(bad_flat) and int(np.max(bad_flat)) >= image.GetNumberOfPixels():
+        bad_flat = None  # the file's voxel count differs from the image's: nothing to map
+    return _replace_non_finite(image, name, bad_flat)
 
 
 def read_volume(path: PathLike) -> sitk.Image:
@@ -199,35 +215,75 @@ def read_volume(path: PathLike) -> sitk.Image:
             raise VolumeError(f"DICOM series {path} has no readable files.")
         reader = sitk.ImageSeriesReader()
         reader.SetFileNames(files)
+        reader.MetaDataDictionaryArrayUpdateOn()
+        shown = sitk.ProcessObject.GetGlobalWarningDisplay()
+        sitk.ProcessObject.SetGlobalWarningDisplay(False)  # ITK's raw "non uniform sampling" line
         try:
             image = reader.Execute()
         except RuntimeError as exc:
             raise VolumeError(f"could not read DICOM series in {folder}: {_sitk_message(exc)}") from None
+        finally:
+            sitk.ProcessObject.SetGlobalWarningDisplay(shown)
+        _check_dicom_spacing(reader, image, files, path)
         return validate_volume(image, f"DICOM series {path}")
     if path.is_dir():
         raise VolumeError(f"folder {path} holds no DICOM series; pass image files "
                           f"({'/'.join(IMAGE_EXTENSIONS)}) or a DICOM series folder.")
     if not path.exists():
         raise VolumeError(f"{path} does not exist.")
+    bad_flat = None
+    if verify.is_nifti(path):
+        try:
+            _, bad_flat = verify.check_nifti(path)
+        except verify.InputCheckError as exc:
+            raise VolumeError(f"{path} is truncated or corrupt: {exc}. SimpleITK would read it with the missing "
+                              "voxels set to 0, so it is not used; copy or export the file again "
+                              "(for a .nii.gz, 'gzip -t' checks it).") from None
+        except OSError as exc:
+            raise VolumeError(f"could not read {path}: {exc.strerror or exc}") from None
     try:
         image = sitk.ReadImage(str(path))
     except RuntimeError as exc:
         raise VolumeError(f"could not read {name}: {_sitk_message(exc)} (the file is corrupt, truncated "
                           "or not an image of its extension's format)") from None
-    return validate_volume(image, name)
+    return validate_volume(image, name, bad_flat)
+
+
+def _check_dicom_spacing(reader: sitk.ImageSeriesReader, image: sitk.Image, files: List[str], path: Path) -> None:
+    """Refuse a series whose slices are not evenly spaced (see :mod:`gvsl.verify`)."""
+    positions = []
+    for i in range(len(files)):
+        try:
+            text = reader.GetMetaData(i, "0020|0032")
+        except RuntimeError:
+            return  # no ImagePositionPatient: nothing to check against
+        try:
+            positions.append([float(v) for v in text.strip().split("\\")])
+        except ValueError:
+            return
+    if image.GetDimension() != 3 or any(len(p) != 3 for p in positions):
+        return
+    normal = np.asarray(image.GetDirection(), float).reshape(3, 3)[:, 2]
+    problem = verify.dicom_slice_gaps(positions, normal)
+    if problem:
+        raise VolumeError(f"DICOM series {path}: {problem}. Read as one volume it would be stretched "
+                          f"(spacing {image.GetSpacing()[2]:.4g} mm for every slice), so it is not used. Add the "
+                          "missing slice files, or load the series in 3D Slicer (it regularises the acquisition "
+                          "geometry) and save it as one .nrrd/.nii.gz volume.")
 
 
 def write_image_atomic(image: sitk.Image, path: PathLike, compress: bool = True) -> Path:
-    """Write ``image`` with SimpleITK to ``path`` via a temporary file and a rename.
+    """Write ``image`` with SimpleITK to ``path`` via a verified temporary file and a rename
+    (:func:`gvsl.fsio.write_image`: a truncated write is an error, the old file stays).
 
     The format follows ``path``'s extension (e.g. ``.nii.gz``, ``.nrrd``, ``.mha``); formats
     that write a second data file (``.mhd``, ``.nhdr``) are refused, a rename cannot move both.
     """
     if str(path).lower().endswith((".mhd", ".nhdr")):
         raise VolumeError(f"{path}: write .mha or .nrrd instead of a header + data file pair")
-    from gvsl.checkpoint import atomic_write  # the one atomic writer (imported on use: it loads torch)
+    from gvsl.fsio import write_image  # the one atomic, verified writer
 
-    return atomic_write(path, lambda tmp: sitk.WriteImage(image, tmp, compress))
+    return write_image(image, path, compress)
 
 
 # ---------------------------------------------------------------------------------------
@@ -322,7 +378,7 @@ class VolumeCache:
                 warnings.warn(note, VolumeWarning, stacklevel=2)
             array = prepared.array_zyx
             if disk is not None:
-                from gvsl.checkpoint import atomic_write
+                from gvsl.fsio import atomic_write
 
                 def write(tmp: str, a=array) -> None:
                     with open(tmp, "wb") as f:

@@ -26,6 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, Iterable, List, Sequence, Tuple, Union
 
+from gvsl.errors import GVSLError
+
 DATA_DIR = Path(__file__).resolve().parent / "data" / "labels"
 TASKS = ("heart", "coronary", "brain")
 ASEG_TABLES = ("brain", "freesurfer-aseg-extra")
@@ -35,7 +37,7 @@ TERMINOLOGY_CONTEXT = "Segmentation category and type - DICOM master list"
 REGION_CONTEXT = "Anatomic codes - DICOM master list"
 
 
-class LabelError(ValueError):
+class LabelError(GVSLError, ValueError):
     """A label table or label value that cannot be used, with what is wrong and what to do."""
 
 

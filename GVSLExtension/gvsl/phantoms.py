@@ -736,14 +736,15 @@ def write_phantoms(kind: str, n: int, size: int, seed: int, out, progress=None) 
 
 def run_cli(args) -> int:
     """``gvsl phantom``: write synthetic cases and print a summary."""
+    from gvsl.errors import GVSLError
     from gvsl.progress import Progress
-
-    from gvsl.cli import UserError
 
     try:
         _check_args(args.kind, args.n, args.size)
     except ValueError as exc:
-        raise UserError(str(exc)) from None
+        raise GVSLError(str(exc)) from None
+    from gvsl.outputs import check_writable
+    check_writable(args.out)  # --out is a writable folder before anything is made
     progress = Progress(args.n, mode=args.progress, task="phantom")
     progress.event("start", kind=args.kind, n=args.n, size=args.size, seed=args.seed, out=str(args.out))
     t0 = time.perf_counter()

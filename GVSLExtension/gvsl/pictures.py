@@ -2,7 +2,7 @@
 
 Matplotlib with the Agg canvas only (``matplotlib.figure.Figure`` + ``FigureCanvasAgg``): no
 pyplot, no global state, safe in threads and without a display. Files are written atomically
-(:func:`gvsl.checkpoint.atomic_write`).
+(:func:`gvsl.fsio.atomic_write`, verified).
 
 Orientation of volume pictures (radiological convention, as Slicer's slice views): a SimpleITK
 image is first permuted/flipped to the closest LPS axis order with ``sitk.DICOMOrient`` (no
@@ -122,7 +122,7 @@ def _new_figure(width_in: float, height_in: float) -> Figure:
 
 
 def _save(fig: Figure, path) -> Path:
-    from gvsl.checkpoint import atomic_write
+    from gvsl.fsio import atomic_write
     return atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=DPI))
 
 

@@ -4,12 +4,15 @@ A :class:`Progress` is called once per completed unit of work with a dict of num
 prints JSON lines (``--progress json``: one object per line, for Slicer and scripts), a text
 bar on a terminal (``bar``), or nothing (``none``), and adds steps/s and ETA. Cancellation is
 cooperative: :class:`CancelToken` is set by a signal handler, a GUI button or a callback, and
-loops check ``token.cancelled`` between steps.
+loops check ``token.cancelled`` between steps. A token can also watch a *cancel file*
+(``gvsl pretrain/register --cancel-file PATH``): it becomes cancelled once that file exists, which
+is how the Slicer panels stop a child process on every OS (no signals needed on Windows).
 """
 from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 import threading
 import time
@@ -21,11 +24,17 @@ class Cancelled(Exception):
 
 
 class CancelToken:
-    """Thread-safe cancel flag; ``reason`` says who asked."""
+    """Thread-safe cancel flag; ``reason`` says who asked.
 
-    def __init__(self):
+    watch_file: optional path; the token counts as cancelled as soon as that file exists
+    (checked on every ``cancelled`` read: one ``stat``, microseconds). Its first line, if any,
+    becomes the reason.
+    """
+
+    def __init__(self, watch_file: Optional[str] = None):
         self._event = threading.Event()
         self.reason = ""
+        self.watch_file = os.fspath(watch_file) if watch_file else None
 
     def cancel(self, reason: str = "cancelled") -> None:
         self.reason = reason
@@ -33,6 +42,13 @@ class CancelToken:
 
     @property
     def cancelled(self) -> bool:
+        if not self._event.is_set() and self.watch_file and os.path.exists(self.watch_file):
+            try:
+                with open(self.watch_file, encoding="utf-8", errors="replace") as f:
+                    text = f.readline().strip()
+            except OSError:
+                text = ""
+            self.cancel(text or "cancel file")
         return self._event.is_set()
 
     def raise_if_cancelled(self) -> None:

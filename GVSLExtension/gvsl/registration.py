@@ -32,6 +32,7 @@ from typing import Optional
 import numpy as np
 import SimpleITK as sitk
 
+from gvsl.errors import GVSLError
 from gvsl.export import summary, write_outputs, write_transform  # noqa: F401 - the public API
 from gvsl.grid import (Grid, NetworkGrid, affine_to_sitk, boxes_overlap, displacement_on_grid,  # noqa: F401
                        flow_to_displacement_lps, jacobian_determinant_lps, transform_displacement)
@@ -41,7 +42,7 @@ DEFAULT_MAX_NETWORK_VOXELS = 160 ** 3  # ~4.1 M voxels: a CPU forward pass fits 
 STAGES = ("resample", "network", "export", "metrics")
 
 
-class RegistrationError(ValueError):
+class RegistrationError(GVSLError, ValueError):
     """Inputs that cannot be registered, with what is wrong and what to do."""
 
 
@@ -394,24 +395,34 @@ def register(fixed: sitk.Image, moving: sitk.Image, model, device="auto", *,
 # The `gvsl register` command
 # ---------------------------------------------------------------------------------------------
 def run_cli(args) -> int:
-    """``gvsl register``: read, register, write every output into ``--out``."""
+    """``gvsl register``: check ``--out`` (:mod:`gvsl.outputs`), read, register, write every
+    output (into a staging folder, moved into ``--out`` once all are written and verified)."""
+    from gvsl.errors import WarningRecorder, current_sink, warnings_to
     from gvsl.io import read_volume
     from gvsl.network_only import cli_refine
-    from gvsl.progress import Progress, json_safe
-    progress = Progress(total=len(STAGES), mode=args.progress, task="register")
-    fixed = read_volume(args.fixed)
-    moving = read_volume(args.moving)
-    fixed_labels = read_volume(args.fixed_labels) if args.fixed_labels else None
-    moving_labels = read_volume(args.moving_labels) if args.moving_labels else None
-    result = register(fixed, moving, args.model, args.device, fixed_labels=fixed_labels,
-                      moving_labels=moving_labels, preset=args.preset,
-                      network_spacing_mm=args.network_spacing,
-                      max_network_voxels=args.max_network_voxels, precision=args.precision,
-                      full_resolution=getattr(args, "full_resolution", False),
-                      refine=cli_refine(getattr(args, "refine", "0")),
-                      fixed_mask=read_volume(args.fixed_mask) if getattr(args, "fixed_mask", None) else None,
-                      progress=progress)
-    files = write_outputs(result, args.out, fixed, moving, overview=not args.no_overview)
+    from gvsl.outputs import RunFolder
+    from gvsl.progress import CancelToken, Progress, json_safe
+    refine = cli_refine(getattr(args, "refine", "0"))  # a bad --refine fails before anything is read
+    inputs = {"--fixed": args.fixed, "--moving": args.moving, "--model": args.model,
+              "--fixed-labels": args.fixed_labels, "--moving-labels": args.moving_labels}
+    with RunFolder(args.out, "register", inputs, overwrite=getattr(args, "overwrite", False)) as folder:
+        progress = Progress(total=len(STAGES), mode=args.progress, task="register")
+        read_warnings = WarningRecorder(forward=current_sink())
+        with warnings_to(read_warnings, python_warnings=False):
+            fixed = read_volume(args.fixed)
+            moving = read_volume(args.moving)
+            fixed_labels = read_volume(args.fixed_labels) if args.fixed_labels else None
+            moving_labels = read_volume(args.moving_labels) if args.moving_labels else None
+            fixed_mask = read_volume(args.fixed_mask) if getattr(args, "fixed_mask", None) else None
+        result = register(fixed, moving, args.model, args.device, fixed_labels=fixed_labels,
+                          moving_labels=moving_labels, preset=args.preset,
+                          network_spacing_mm=args.network_spacing,
+                          max_network_voxels=args.max_network_voxels, precision=args.precision,
+                          full_resolution=getattr(args, "full_resolution", False), refine=refine,
+                          fixed_mask=fixed_mask, progress=progress,
+                          cancel=CancelToken(watch_file=getattr(args, "cancel_file", None)))
+        result.metrics["warnings"] = read_warnings.messages + list(result.metrics.get("warnings", []))
+        files = folder.commit(write_outputs(result, folder.staging(), fixed, moving, overview=not args.no_overview))
     if args.progress == "json":
         print(json.dumps({"event": "done", "task": "register",
                           "outputs": {k: str(v) for k, v in files.items()},

@@ -1,53 +1,56 @@
 """GVSL pre-training (Algorithm 1 of the paper): volumes in, a trained checkpoint out.
 
-One step, for a batch of pairs (x_A, x_B) of two *different* volumes:
+The pre-training *task* on the shared training core (:mod:`gvsl.trainer`: distributed init,
+exact resume, signals, progress, checkpoints, history and loss curve). One step, for a batch of
+pairs (x_A, x_B) of two *different* volumes (published ``Train_GVSL.py``, ``train_iterator``):
 
 1. paired spatial augmentation (the same draw for x_A, t(x_A) and x_B, see :mod:`gvsl.augment`),
    appearance transformation t (pixel shuffling, Bezier intensity, in-painting) of x_A;
 2. ``restored, warped_b, affine, flow = model(t(x_A), x_B)``;
-3. loss = NCC_9(warped_b, x_A) + smoothness(flow) + MSE(restored, x_A); Adam, lr 1e-4.
-
-Everything random (pair choice, crops, augmentation) comes from one ``torch.Generator`` per
-rank whose state is checkpointed with the model, the optimizer and the step, so ``--resume``
-continues exactly (same loss trajectory as an uninterrupted run on CPU). SIGINT/SIGTERM finish
-the current step, save a checkpoint and exit. Under ``torchrun`` the model is wrapped in
-DistributedDataParallel (gloo on CPU, NCCL on CUDA) and only rank 0 writes files.
+3. loss = NCC_9(warped_b, clean x_A) + smoothness(flow) + MSE(restored, clean x_A); Adam, lr 1e-4
+   (:func:`algorithm1_losses`).
 
 Output folder: ``gvsl_last.pt`` (resumable, every ``save_every`` steps and at the end),
-``gvsl_final.pt`` (at the end), ``history.json``, ``loss_curve.png``, ``config.json``.
+``gvsl_final.pt`` (weights + metadata only, at the end), ``history.json``, ``loss_curve.png``,
+``config.json``. ``resume`` takes the settings from ``gvsl_last.pt`` and refuses a change other
+than ``--steps``/``--lr``. Under ``torchrun`` rank 0 reads, preprocesses and caches the volumes,
+then the other ranks read the cache.
 """
 from __future__ import annotations
 
-import json
 import math
 import os
-import signal
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, List, Optional
+from typing import Callable, ClassVar, Dict, List, Optional
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 from gvsl import augment, checkpoint, losses
-from gvsl.device import choose_precision, describe, select_device
 from gvsl.network import GVSL, ModelConfig
-from gvsl.progress import CancelToken, Progress
+from gvsl.progress import CancelToken
+from gvsl.trainer import Trainer, TrainingError, TrainingTask, check_common_settings, run_task
+
+__all__ = ["PretrainConfig", "PretrainTask", "Pretrainer", "TrainingError", "algorithm1_losses",
+           "crop_or_pad", "pretrain", "run_cli", "sample_pairs"]
 
 LAST = "gvsl_last.pt"
 FINAL = "gvsl_final.pt"
 LOSS_TERMS = ("loss", "ncc", "smooth", "mse")
-
-
-class TrainingError(ValueError):
-    """A problem with the training inputs or state, with what to do about it."""
+MAX_CROP = 512  # a 512^3 float32 crop pair is 1 GB before the network: beyond is a typo
 
 
 @dataclass
 class PretrainConfig:
-    """Options of ``gvsl pretrain`` (all saved in the checkpoint and config.json)."""
+    """Options of ``gvsl pretrain`` (all saved in the checkpoint and config.json).
+
+    Checked on construction (:class:`TrainingError` naming the option as typed on the command line).
+    """
+
+    OPTION_NAMES: ClassVar[Dict[str, str]] = {"spacing_mm": "--spacing", "augment": "--no-augment",
+                                               "model_channels": "model_channels (network width)",
+                                               "loss_weights": "loss_weights"}
 
     images: List[str]
     out: str
@@ -66,44 +69,29 @@ class PretrainConfig:
     init: Optional[str] = None
     augment: bool = True
     cache_dir: Optional[str] = None
+    overwrite: bool = False  # replace an earlier run in `out` (gvsl.outputs.RunFolder)
     model_channels: Optional[List[int]] = None  # None: the published 32-64-128-256-512-... U-Net
     loss_weights: dict = field(default_factory=lambda: {"ncc": 1.0, "smooth": 1.0, "mse": 1.0})
 
+    def __post_init__(self):
+        # absolute paths: a resumed run from another working folder names the same files
+        self.images = [str(Path(p).expanduser().absolute()) for p in self.images]
+        check_common_settings(self)
+        if isinstance(self.crop, bool) or not isinstance(self.crop, int) or not 16 <= self.crop <= MAX_CROP:
+            raise TrainingError(f"--crop must be an integer from 16 to {MAX_CROP} voxels (got {self.crop!r}): "
+                                "the U-Net pools 4 times")
+        if not isinstance(self.spacing_mm, (int, float)) or not math.isfinite(self.spacing_mm) \
+                or self.spacing_mm <= 0:
+            raise TrainingError(f"--spacing must be a finite number of mm > 0 (got {self.spacing_mm!r})")
+        if self.preset not in ("ct", "mr"):
+            raise TrainingError(f"--preset must be ct or mr (got {self.preset!r})")
+        if set(self.loss_weights) != {"ncc", "smooth", "mse"} or not all(
+                isinstance(v, (int, float)) and math.isfinite(v) and v >= 0 for v in self.loss_weights.values()):
+            raise TrainingError(f"loss_weights must give finite weights >= 0 for ncc, smooth and mse "
+                                f"(got {self.loss_weights!r})")
+
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-# ----------------------------------------------------------------------------------------
-# distributed helpers
-# ----------------------------------------------------------------------------------------
-@dataclass
-class DistInfo:
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-
-    @property
-    def enabled(self) -> bool:
-        return self.world_size > 1
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-
-def _init_distributed(device_name: str) -> tuple[DistInfo, torch.device]:
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return DistInfo(), select_device(device_name)
-    info = DistInfo(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")))
-    device = select_device(device_name)
-    if device.type == "cuda":
-        device = torch.device("cuda", info.local_rank)
-        torch.cuda.set_device(device)
-    backend = "nccl" if device.type == "cuda" else "gloo"
-    if not dist.is_initialized():
-        dist.init_process_group(backend=backend)
-    return info, device
 
 
 # ----------------------------------------------------------------------------------------
@@ -148,234 +136,107 @@ def sample_pairs(volumes: List[np.ndarray], batch: int, crop: int,
 
 
 # ----------------------------------------------------------------------------------------
-# trainer
+# Algorithm 1
 # ----------------------------------------------------------------------------------------
-class Pretrainer:
-    """Runs Algorithm 1; see the module docstring. ``run()`` returns a summary dict."""
+def algorithm1_losses(model, x_a: torch.Tensor, t_x_a: torch.Tensor, x_b: torch.Tensor, ncc: torch.nn.Module,
+                      weights: Dict[str, float]) -> Dict[str, torch.Tensor]:
+    """The published ``train_iterator``: ``model(t(x_A), x_B)``, NCC(warped x_B, clean x_A),
+    MSE(restored, clean x_A), smoothness(flow); inputs (B, 1, D, H, W). Returns 0-dim tensors
+    ``loss`` (the weighted sum), ``ncc``, ``smooth``, ``mse``."""
+    restored, warped_b, _, flow = model(t_x_a, x_b)
+    l_ncc = ncc(warped_b, x_a)
+    l_smooth = losses.smoothness_loss(flow)
+    l_mse = losses.restoration_loss(restored, x_a)
+    loss = weights["ncc"] * l_ncc + weights["smooth"] * l_smooth + weights["mse"] * l_mse
+    return {"loss": loss, "ncc": l_ncc, "smooth": l_smooth, "mse": l_mse}
 
-    def __init__(self, config: PretrainConfig, callback: Optional[Callable[[dict], None]] = None,
-                 cancel: Optional[CancelToken] = None, volumes: Optional[List[np.ndarray]] = None):
-        self.config = config
-        self.cancel = cancel or CancelToken()
-        self.dist, self.device = _init_distributed(config.device)
-        self.precision = choose_precision(self.device, "training", config.precision)
-        self.out = Path(config.out)
-        from gvsl.preprocessing import PreprocessSpec
-        self.spec = PreprocessSpec(preset=config.preset, spacing_mm=config.spacing_mm)  # saved in checkpoints
-        if config.steps < 1:
-            raise TrainingError(f"--steps must be >= 1 (got {config.steps})")
-        if config.batch_size < 1:
-            raise TrainingError(f"--batch-size must be >= 1 (got {config.batch_size})")
-        if config.crop < 16:
-            raise TrainingError(f"--crop must be >= 16 voxels (got {config.crop}): the U-Net pools 4 times")
-        mode = config.progress if self.dist.is_main else "none"
-        self.progress = Progress(config.steps, mode=mode, callback=callback if self.dist.is_main else None,
-                                 task="pretrain")
-        self.volumes = volumes if volumes is not None else self._load_volumes()
+
+def pretrain_spec(cfg: "PretrainConfig"):
+    """The :class:`gvsl.preprocessing.PreprocessSpec` of a pre-training run (saved in its checkpoints)."""
+    from gvsl.preprocessing import PreprocessSpec
+    return PreprocessSpec(preset=cfg.preset, spacing_mm=cfg.spacing_mm)
+
+
+class PretrainTask(TrainingTask):
+    """GVSL pre-training on the shared trainer (see :mod:`gvsl.trainer`)."""
+
+    name = "pretrain"
+    prefix = "gvsl"
+    kind = checkpoint.KIND_PRETRAIN
+    loss_terms = LOSS_TERMS
+
+    def __init__(self, volumes: Optional[List[np.ndarray]] = None):
+        self.volumes = volumes
+        self.volume_paths: List[str] = []
+        self.ncc = losses.NCCLoss()
+
+    def load_data(self, trainer: Trainer) -> None:
+        if self.volumes is None:
+            self.volumes = trainer.main_first(lambda: self._read_volumes(trainer))
         if len(self.volumes) < 2:
             raise TrainingError("need at least two volumes to make pairs of different scans; "
                                 f"found {len(self.volumes)}")
-        self.generator = torch.Generator().manual_seed(config.seed * 1000 + self.dist.rank)
-        torch.manual_seed(config.seed)
-        self.model = self._build_model()
-        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=config.lr)
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision.needs_grad_scaler)
-        self.ncc = losses.NCCLoss()
-        self.step = 0
-        self.history = {"step": [], **{k: [] for k in LOSS_TERMS}}
-        if config.resume:
-            self._resume()
-        self.ddp_model = self.model
-        if self.dist.enabled:
-            self.ddp_model = torch.nn.parallel.DistributedDataParallel(
-                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
 
-    # -- setup -------------------------------------------------------------------------------
-    def _load_volumes(self) -> List[np.ndarray]:
+    def _read_volumes(self, trainer: Trainer) -> List[np.ndarray]:
         from gvsl import io
-        cache = self.config.cache_dir or str(self.out / "cache")
-        self.progress.event("loading", message=f"reading and preprocessing volumes ({self.config.preset} preset)")
-        volumes, paths = io.load_volumes(self.config.images, self.spec, cache_dir=cache)
+        cfg = trainer.config
+        trainer.progress.event("loading", message=f"reading and preprocessing volumes ({cfg.preset} preset)")
+        volumes, paths = io.load_volumes(cfg.images, pretrain_spec(cfg),
+                                         cache_dir=cfg.cache_dir or str(Path(cfg.out) / "cache"))
         self.volume_paths = [str(p) for p in paths]
-        shapes = [v.shape for v in volumes]
-        self.progress.event("loaded", n_volumes=len(volumes), shapes=[list(s) for s in shapes[:10]])
+        trainer.progress.event("loaded", n_volumes=len(volumes), shapes=[list(v.shape) for v in volumes[:10]])
         return volumes
 
-    def _build_model(self) -> GVSL:
-        if self.config.init:
-            model = checkpoint.load_model(self.config.init)
-            model.train()
-        else:
-            channels = self.config.model_channels
-            model = GVSL(ModelConfig(channels=tuple(channels)) if channels else None)
-        return self.precision.prepare_model(model)
+    def describe_data(self) -> dict:
+        return {"n_volumes": len(self.volumes)}
 
-    def _checkpoint_payload(self) -> dict:
-        gen_states = [self.generator.get_state()]
-        if self.dist.enabled:
-            gathered = [None] * self.dist.world_size
-            dist.all_gather_object(gathered, self.generator.get_state())
-            gen_states = gathered
-        rng = {"generators": gen_states, "torch": torch.get_rng_state()}
-        if self.device.type == "cuda":
-            rng["cuda"] = torch.cuda.get_rng_state(self.device)
-        return {"optimizer": self.optimizer.state_dict(), "rng": rng, "history": self.history,
-                "train_config": self.config.to_dict(), "scaler": self.scaler.state_dict(),
-                "world_size": self.dist.world_size}
+    def build_model(self, trainer: Trainer) -> GVSL:
+        cfg = trainer.config
+        if cfg.init:
+            try:
+                model = checkpoint.load_model(cfg.init)
+            except checkpoint.CheckpointError as exc:
+                raise TrainingError(f"--init: {exc}") from None
+            return model.train()
+        return GVSL(ModelConfig(channels=tuple(cfg.model_channels)) if cfg.model_channels else None)
 
-    def save(self, name: str = LAST) -> Optional[Path]:
-        payload = self._checkpoint_payload()  # collective under DDP: every rank calls it
-        if not self.dist.is_main:
-            return None
-        return checkpoint.save_checkpoint(
-            self.out / name, self.model, step=self.step,
-            preprocessing=self.spec, **payload)
-
-    def _resume(self) -> None:
-        path = self.out / LAST
-        if not path.exists():
-            raise TrainingError(f"--resume: no {LAST} in {self.out}; start without --resume "
-                                "or point --out at the folder of the interrupted run")
-        ckpt = checkpoint.load_checkpoint(path)
-        if "optimizer" not in ckpt or "rng" not in ckpt:
-            raise TrainingError(f"{path} holds weights only, not a resumable training state; "
-                                "use it as --init instead")
-        self.model.load_state_dict(ckpt["state_dict"])
-        self.optimizer.load_state_dict(ckpt["optimizer"])
-        if ckpt.get("scaler"):
-            self.scaler.load_state_dict(ckpt["scaler"])
-        gens = ckpt["rng"]["generators"]
-        if len(gens) == self.dist.world_size:
-            self.generator.set_state(gens[self.dist.rank])
-        else:
-            self.progress.event("warning", message=f"checkpoint was written by {len(gens)} process(es), "
-                                f"now {self.dist.world_size}: data order is re-seeded")
-            self.generator.manual_seed(self.config.seed * 1000 + self.dist.rank + int(ckpt["step"]))
-        torch.set_rng_state(ckpt["rng"]["torch"])
-        if "cuda" in ckpt["rng"] and self.device.type == "cuda":
-            torch.cuda.set_rng_state(ckpt["rng"]["cuda"], self.device)
-        self.step = int(ckpt["step"])
-        self.history = {k: list(v) for k, v in ckpt.get("history", self.history).items()}
-        self.progress = Progress(self.config.steps, mode=self.progress.mode, callback=self.progress.callback,
-                                 task="pretrain", start_step=self.step)
-        self.progress.event("resumed", step=self.step, checkpoint=str(path))
-
-    # -- training ---------------------------------------------------------------------------
-    def train_step(self) -> dict:
-        """One optimisation step on a fresh batch of pairs; returns the loss terms (floats)."""
-        cfg = self.config
-        x_a, x_b = sample_pairs(self.volumes, cfg.batch_size, cfg.crop, self.generator)
-        x_a = self.precision.prepare_input(x_a)
-        x_b = self.precision.prepare_input(x_b)
+    def compute_losses(self, trainer: Trainer, model) -> Dict[str, torch.Tensor]:
+        cfg = trainer.config
+        x_a, x_b = sample_pairs(self.volumes, cfg.batch_size, cfg.crop, trainer.generator)
+        x_a = trainer.precision.prepare_input(x_a)
+        x_b = trainer.precision.prepare_input(x_b)
         if cfg.augment:
-            x_a, t_x_a, x_b = augment.augment_pair(x_a, x_b, self.generator)
+            x_a, t_x_a, x_b = augment.augment_pair(x_a, x_b, trainer.generator)
         else:
             t_x_a = x_a
-        self.ddp_model.train()
-        with self.precision.autocast():
-            restored, warped_b, _, flow = self.ddp_model(t_x_a, x_b)
-        w = cfg.loss_weights
-        l_ncc = self.ncc(warped_b, x_a)
-        l_smooth = losses.smoothness_loss(flow)
-        l_mse = losses.restoration_loss(restored, x_a)
-        loss = w["ncc"] * l_ncc + w["smooth"] * l_smooth + w["mse"] * l_mse
-        if not torch.isfinite(loss):
-            raise TrainingError(f"the loss became {loss.item()} at step {self.step + 1}; lower --lr "
-                                "or check the volumes (the last checkpoint is kept)")
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        return {"loss": loss.item(), "ncc": l_ncc.item(), "smooth": l_smooth.item(), "mse": l_mse.item()}
+        return algorithm1_losses(model, x_a, t_x_a, x_b, self.ncc, cfg.loss_weights)
 
-    def _mean_over_ranks(self, terms: dict) -> dict:
-        """Under DDP, the loss terms averaged over all ranks (what the step optimised)."""
-        if not self.dist.enabled:
-            return terms
-        values = torch.tensor([terms[k] for k in LOSS_TERMS], dtype=torch.float64, device=self.device)
-        dist.all_reduce(values, op=dist.ReduceOp.SUM)
-        return {k: float(v) / self.dist.world_size for k, v in zip(LOSS_TERMS, values.tolist())}
+    def checkpoint_fields(self, trainer: Trainer) -> dict:
+        cfg = trainer.config
+        return {"kind": self.kind, "preprocessing": pretrain_spec(cfg).to_dict()}
 
-    def _stop_requested(self) -> bool:
-        flag = torch.tensor([1.0 if self.cancel.cancelled else 0.0])
-        if self.dist.enabled:
-            flag = flag.to(self.device)
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item() > 0)
+    def title(self, trainer: Trainer) -> str:
+        return f"GVSL pre-training ({trainer.config.preset}, crop {trainer.config.crop})"
 
-    def run(self) -> dict:
-        cfg = self.config
-        if self.dist.is_main:
-            self.out.mkdir(parents=True, exist_ok=True)
-            checkpoint.atomic_write_text(self.out / "config.json", json.dumps(cfg.to_dict(), indent=2))
-        self.progress.event("start", device=describe(self.device), precision=self.precision.name,
-                            world_size=self.dist.world_size, step=self.step, steps=cfg.steps,
-                            n_volumes=len(self.volumes))
-        t0 = time.perf_counter()
-        status = "done"
-        while self.step < cfg.steps:
-            if self._stop_requested():
-                status = "cancelled"
-                break
-            terms = self._mean_over_ranks(self.train_step())
-            self.step += 1
-            self.history["step"].append(self.step)
-            for k in LOSS_TERMS:
-                self.history[k].append(terms[k])
-            self.progress.update(self.step, lr=cfg.lr, **terms)
-            if cfg.save_every and self.step % cfg.save_every == 0 and self.step < cfg.steps:
-                path = self.save(LAST)
-                self.progress.event("checkpoint", step=self.step, path=str(path))
-        last = self.save(LAST)
-        final = None
-        if status == "done":
-            final = self.save(FINAL)
-        summary = {"status": status, "step": self.step, "steps": cfg.steps, "checkpoint": str(final or last),
-                   "seconds": round(time.perf_counter() - t0, 2), "device": describe(self.device),
-                   "precision": self.precision.name, "world_size": self.dist.world_size}
-        if status == "cancelled":
-            summary["stopped_by"] = self.cancel.reason or "request"
-        if self.dist.is_main:
-            summary.update(self._write_reports())
-            self.progress.event(status, **summary)
-        return summary
 
-    def _write_reports(self) -> dict:
-        checkpoint.atomic_write_text(self.out / "history.json", json.dumps(self.history))
-        out = {"history": str(self.out / "history.json")}
-        if self.history["step"]:
-            from gvsl import pictures
-            terms = {k: self.history[k] for k in LOSS_TERMS}
-            pictures.loss_curve(terms, self.history["step"], self.out / "loss_curve.png",
-                                title=f"GVSL pre-training ({self.config.preset}, crop {self.config.crop})")
-            out["loss_curve"] = str(self.out / "loss_curve.png")
-            for k in LOSS_TERMS:
-                out[f"{k}_first"] = self.history[k][0]
-                out[f"{k}_last"] = self.history[k][-1]
-        return out
+class Pretrainer(Trainer):
+    """The :class:`~gvsl.trainer.Trainer` running :class:`PretrainTask`; ``run()`` -> summary dict.
+    (Construct it directly only from scripts that handle signals and call ``close()``
+    themselves; :func:`pretrain` does both.)"""
+
+    def __init__(self, config: PretrainConfig, callback: Optional[Callable[[dict], None]] = None,
+                 cancel: Optional[CancelToken] = None, volumes: Optional[List[np.ndarray]] = None):
+        super().__init__(PretrainTask(volumes), config, callback=callback, cancel=cancel)
+
+    @property
+    def volumes(self) -> List[np.ndarray]:
+        return self.task.volumes
 
 
 def pretrain(config: PretrainConfig, callback: Optional[Callable[[dict], None]] = None,
              cancel: Optional[CancelToken] = None, volumes: Optional[List[np.ndarray]] = None) -> dict:
     """Run pre-training; SIGINT/SIGTERM (main thread only) stop after the current step, saved."""
-    cancel = cancel or CancelToken()
-    previous = {}
-
-    def handler(signum, _frame):
-        cancel.cancel(signal.Signals(signum).name)
-
-    import threading
-    if threading.current_thread() is threading.main_thread():
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            previous[sig] = signal.signal(sig, handler)
-    try:
-        trainer = Pretrainer(config, callback=callback, cancel=cancel, volumes=volumes)
-        return trainer.run()
-    finally:
-        for sig, old in previous.items():
-            signal.signal(sig, old)
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    return run_task(PretrainTask(volumes), config, callback=callback, cancel=cancel)
 
 
 def run_cli(args) -> int:
@@ -384,9 +245,16 @@ def run_cli(args) -> int:
         images=args.images, out=args.out, preset=args.preset, spacing_mm=args.spacing, steps=args.steps,
         batch_size=args.batch_size, crop=args.crop, lr=args.lr, device=args.device,
         precision=args.precision, seed=args.seed, save_every=args.save_every, progress=args.progress,
-        resume=args.resume, init=args.init, augment=not args.no_augment, cache_dir=args.cache_dir)
-    summary = pretrain(config)
-    if int(os.environ.get("RANK", "0")) == 0 and args.progress != "json":
+        resume=args.resume, init=args.init, augment=not args.no_augment, cache_dir=args.cache_dir,
+        overwrite=args.overwrite, model_channels=getattr(args, "model_channels", None))
+    rank = int(os.environ.get("RANK", "0"))
+    try:
+        summary = pretrain(config, cancel=CancelToken(watch_file=getattr(args, "cancel_file", None)))
+    except TrainingError as exc:
+        if rank != 0 and exc.collective:
+            return 2  # every rank raised it together: rank 0 prints the one message
+        raise
+    if rank == 0 and args.progress != "json":
         if summary["status"] == "done":
             print(f"pre-training done: {summary['step']} steps in {summary['seconds']} s on {summary['device']}; "
                   f"loss {summary.get('loss_first', float('nan')):.4f} -> {summary.get('loss_last', float('nan')):.4f}; "

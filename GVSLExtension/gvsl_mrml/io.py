@@ -2,7 +2,7 @@
 
 A fresh storage node is used for every write, so saving never changes which file a node is
 linked to; files are written atomically (a temporary file in the same folder, then a rename,
-through :func:`gvsl.checkpoint.atomic_write`). Loading creates the node and links it to a new
+through :func:`gvsl.fsio.atomic_write`). Loading creates the node and links it to a new
 storage node in the scene, as Slicer's own loaders do.
 
 Formats (chosen by the file name): volumes and label maps ``.nrrd`` / ``.nii.gz`` / ``.mha``;
@@ -52,7 +52,7 @@ def save_node(node, path: PathLike, compress: bool = True) -> Path:
     Uses a fresh storage node of the right class; the node itself is not modified and stays
     linked to whatever storage node it had. Raises :class:`MRMLConversionError` on failure.
     """
-    from gvsl.checkpoint import atomic_write
+    from gvsl.fsio import atomic_write
 
     path = Path(path)
     storage_class = _storage_class_for(node)

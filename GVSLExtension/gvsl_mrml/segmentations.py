@@ -238,6 +238,31 @@ def segmentation_label_table(segmentation_node, name_to_value: Mapping[str, int]
     return table
 
 
+def _color_node_ids(scene) -> set:
+    return {scene.GetNthNodeByClass(i, "vtkMRMLColorNode").GetID()
+            for i in range(scene.GetNumberOfNodesByClass("vtkMRMLColorNode"))}
+
+
+UNNAMED_COLOR_NAMES = ("", "(none)", "invalid")  # "(none)": Slicer 5.8; "": 5.10+
+
+
+def label_names(color_node, values) -> Dict[str, int]:
+    """{name: value} for label ``values`` from a colour node: unnamed entries ("", "(none)",
+    "invalid", any case) become "Label <v>"; a name used by two values gets " (<v>)" appended,
+    so no label is merged with another or lost."""
+    names: Dict[str, int] = {}
+    for value in values:
+        name = ""
+        if color_node is not None and 0 <= value < color_node.GetNumberOfColors():
+            name = (color_node.GetColorName(value) or "").strip()
+        if name.lower() in UNNAMED_COLOR_NAMES:
+            name = f"Label {value}"
+        if name in names:
+            name = f"{name} ({value})"
+        names[name] = value
+    return names
+
+
 def _smallest_label_type(max_value: int):
     if max_value <= np.iinfo(np.uint8).max:
         return np.uint8
@@ -287,6 +312,7 @@ def segmentation_to_sitk_labels(segmentation_node, reference_volume_node,
     if not export_ids:
         return reference, values
     scene = segmentation_node.GetScene()
+    colors_before = _color_node_ids(scene)
     labelmap = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "GVSL temporary export")
     try:
         id_array = vtk.vtkStringArray()
@@ -301,6 +327,9 @@ def segmentation_to_sitk_labels(segmentation_node, reference_volume_node,
         exported = volume_node_to_sitk(labelmap, apply_parent_transform=False, what="exported label map")
     finally:
         scene.RemoveNode(labelmap)
+        # ExportSegmentsToLabelmapNode also adds a visible "<segmentation>_ColorTable" node
+        for node_id in _color_node_ids(scene) - colors_before:
+            scene.RemoveNode(scene.GetNodeByID(node_id))
     order = np.asarray(sitk.GetArrayViewFromImage(exported)).astype(np.int64)
     lut = np.zeros(len(export_ids) + 1, dtype=np.int64)
     for position, sid in enumerate(export_ids, start=1):
@@ -338,10 +367,7 @@ def labelmap_node_or_segmentation_to_sitk(node, reference_volume_node=None,
     arr = sitk.GetArrayFromImage(image)
     display = node.GetDisplayNode()
     colors = display.GetColorNode() if display is not None else None
-    names: Dict[str, int] = {}
-    for value in [int(v) for v in np.unique(arr) if v != 0]:
-        label_name = colors.GetColorName(value) if colors is not None and value < colors.GetNumberOfColors() else ""
-        names[label_name or f"Label {value}"] = value
+    names = label_names(colors, [int(v) for v in np.unique(arr) if v != 0])
     if segment_values is not None:
         lut_out = np.zeros_like(arr)
         kept = {}

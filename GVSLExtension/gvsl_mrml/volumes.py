@@ -23,11 +23,13 @@ import SimpleITK as sitk
 import vtk
 from vtk.util import numpy_support
 
+from gvsl.errors import GVSLError
+
 LPS_FROM_RAS = np.diag([-1.0, -1.0, 1.0])  # F: its own inverse
 LPS_FROM_RAS_4 = np.diag([-1.0, -1.0, 1.0, 1.0])
 
 
-class MRMLConversionError(ValueError):
+class MRMLConversionError(GVSLError, ValueError):
     """An MRML node that cannot be converted, with what is wrong and how to fix it."""
 
 

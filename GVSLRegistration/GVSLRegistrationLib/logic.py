@@ -37,6 +37,7 @@ from pathlib import Path, PurePath
 from typing import Callable, Optional, Union
 
 import gvsl_mrml
+from gvsl.errors import GVSLError
 from gvsl.progress import json_safe
 from gvsl_mrml.volumes import MRMLConversionError, volume_ijk_to_world_ras
 
@@ -46,7 +47,7 @@ ATTRIBUTE_METRICS = "GVSL.metrics"
 OUTPUT_SUFFIX = "(GVSL)"
 
 
-class RegistrationInputError(ValueError):
+class RegistrationInputError(GVSLError, ValueError):
     """Inputs that cannot be registered; the message says what to change."""
 
 
@@ -72,6 +73,40 @@ class RegistrationOutputs:
                 if f.name not in ("metrics", "fixed_volume", "moving_volume") and getattr(self, f.name) is not None}
 
 
+def gvsl_transform_of(node):
+    """The GVSL output transform (a node with the ``GVSL.moving`` reference) that ``node`` sits
+    under, directly or through other transforms; None when there is none."""
+    transform = node.GetParentTransformNode() if node is not None else None
+    while transform is not None:
+        if transform.GetNodeReference(REFERENCE_MOVING) is not None:
+            return transform
+        transform = transform.GetParentTransformNode()
+    return None
+
+
+def remove_gvsl_transform(node) -> bool:
+    """Take ``node`` out from under GVSL's own transform (never hardens it; the voxels and the
+    geometry of ``node`` are untouched). Only when that transform is the direct parent; returns
+    True when the node was moved."""
+    transform = gvsl_transform_of(node)
+    if transform is None or node.GetParentTransformNode() is not transform:
+        return False
+    node.SetAndObserveTransformNodeID(None)
+    return True
+
+
+def _gvsl_transform_problem(node, what: str) -> Optional[str]:
+    transform = gvsl_transform_of(node)
+    if transform is None:
+        return None
+    how = ("press 'Remove GVSL transform' (or in the Data module drag it out of the transform)"
+           if node.GetParentTransformNode() is transform else
+           f"move it out of the transforms above it (its parent is '{node.GetParentTransformNode().GetName()}')")
+    return (f"The {what} '{node.GetName()}' is under '{transform.GetName()}', GVSL's transform from an earlier "
+            "registration, which shows it aligned. Registering it again would register the already aligned "
+            f"image: {how}. Do not harden that transform: it would bake the old registration into the volume.")
+
+
 def _volumes_problem(fixed_node, moving_node) -> Optional[str]:
     if fixed_node is None:
         return "Select the fixed volume (the image the moving one is aligned to)."
@@ -80,6 +115,9 @@ def _volumes_problem(fixed_node, moving_node) -> Optional[str]:
     if fixed_node is moving_node or fixed_node.GetID() == moving_node.GetID():
         return "The fixed and moving volumes are the same node; select two different volumes."
     for node, what in ((fixed_node, "fixed volume"), (moving_node, "moving volume")):
+        problem = _gvsl_transform_problem(node, what)
+        if problem:
+            return problem
         try:
             gvsl_mrml.check_scalar_volume_node(node, what)
             volume_ijk_to_world_ras(node)
@@ -170,6 +208,34 @@ def register_volumes(fixed_node, moving_node, model_path, device: str = "auto", 
     """
     import gvsl.registration
 
+    prepared = prepare_inputs(fixed_node, moving_node, model_path, moving_segmentation=moving_segmentation,
+                              fixed_segmentation=fixed_segmentation, outputs=outputs)
+    model = _load_model(model_path)
+    result = gvsl.registration.register(prepared.fixed, prepared.moving, model, device,
+                                        fixed_labels=prepared.fixed_labels, moving_labels=prepared.moving_labels,
+                                        progress=_progress_adapter(progress), cancel=cancel, **engine_options)
+    return results_to_nodes(prepared, result)
+
+
+@dataclass
+class PreparedInputs:
+    """The inputs of one registration as SimpleITK images (LPS), and where its results go."""
+    fixed_node: object
+    moving_node: object
+    moving_segmentation: object
+    fixed_segmentation: object
+    outputs: RegistrationOutputs
+    fixed: object
+    moving: object
+    moving_labels: object = None
+    fixed_labels: object = None
+    name_to_value: dict = field(default_factory=dict)
+
+
+def prepare_inputs(fixed_node, moving_node, model_path, *, moving_segmentation=None, fixed_segmentation=None,
+                   outputs: Optional[RegistrationOutputs] = None) -> PreparedInputs:
+    """Validate the inputs (:func:`validate_inputs`, outputs not among the inputs) and convert
+    them with gvsl_mrml; raises :class:`RegistrationInputError` with the fix."""
     reason = validate_inputs(fixed_node, moving_node, model_path)
     if reason is not None:
         raise RegistrationInputError(reason)
@@ -178,8 +244,6 @@ def register_volumes(fixed_node, moving_node, model_path, device: str = "auto", 
         if node is fixed_node or node is moving_node or node is moving_segmentation or node is fixed_segmentation:
             raise RegistrationInputError(f"output '{name}' is one of the input nodes ('{node.GetName()}'); "
                                          "choose another node or 'Create new'.")
-    scene = fixed_node.GetScene()
-
     fixed = gvsl_mrml.volume_node_to_sitk(fixed_node, what="fixed volume")
     moving = gvsl_mrml.volume_node_to_sitk(moving_node, what="moving volume")
     moving_labels = fixed_labels = None
@@ -193,18 +257,28 @@ def register_volumes(fixed_node, moving_node, model_path, device: str = "auto", 
     if fixed_segmentation is not None:
         fixed_labels, _ = gvsl_mrml.labelmap_node_or_segmentation_to_sitk(
             fixed_segmentation, fixed_node, segment_values=name_to_value or None)
-    model = _load_model(model_path)
+    return PreparedInputs(fixed_node, moving_node, moving_segmentation, fixed_segmentation, outputs,
+                          fixed, moving, moving_labels, fixed_labels, name_to_value)
 
-    result = gvsl.registration.register(fixed, moving, model, device, fixed_labels=fixed_labels,
-                                    moving_labels=moving_labels, progress=_progress_adapter(progress),
-                                    cancel=cancel, **engine_options)
 
+def results_to_nodes(prepared: PreparedInputs, result) -> RegistrationOutputs:
+    """Put a registration result into the scene (new nodes, or the given output nodes).
+
+    result: anything with the :class:`gvsl.registration.RegistrationResult` fields warped,
+    warped_affine, jacobian (images), affine (transform), deformable (displacement field
+    transform or image, LPS mm), warped_labels (image or None), metrics (dict), e.g. the files
+    of ``gvsl register`` read back (see :mod:`GVSLRegistrationLib.background`).
+    """
+    fixed_node, moving_node = prepared.fixed_node, prepared.moving_node
+    moving_segmentation, name_to_value = prepared.moving_segmentation, prepared.name_to_value
+    outputs = prepared.outputs
+    scene = fixed_node.GetScene()
     base = moving_node.GetName()
     outputs.warped_volume = gvsl_mrml.sitk_to_volume_node(
         result.warped, scene, f"{base} warped {OUTPUT_SUFFIX}", node=outputs.warped_volume)
     outputs.warped_affine_volume = gvsl_mrml.sitk_to_volume_node(
         result.warped_affine, scene, f"{base} warped affine {OUTPUT_SUFFIX}", node=outputs.warped_affine_volume)
-    if result.network is not None:
+    if getattr(result, "network", None) is not None:
         outputs.warped_network_volume = gvsl_mrml.sitk_to_volume_node(
             result.network.warped, scene, f"{base} warped network {OUTPUT_SUFFIX}",
             node=outputs.warped_network_volume)

@@ -1,0 +1,1 @@
+# nothing: the real file writes the extension description and CPack settings
