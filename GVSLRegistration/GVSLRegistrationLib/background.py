@@ -66,6 +66,7 @@ class RegistrationJob:
         self._tmp = Path(tempfile.mkdtemp(prefix="gvsl-register-"))
         args = ["register", "--model", str(model_path), "--out", str(self._tmp / "out"), "--device", device,
                 "--no-overview"]
+        engine_options.setdefault("refine", 0)  # the in-process default (register_volumes); the CLI's is auto
         try:
             for key, image in (("fixed", self.prepared.fixed), ("moving", self.prepared.moving),
                                ("fixed-labels", self.prepared.fixed_labels),

@@ -61,9 +61,12 @@ class RegistrationSession:
         return node
 
     def show(self, stage: str = "deformable", opacity: float = 0.5) -> bool:
-        """Fixed in the background, the affine-only or affine + deformable result in front."""
-        name = {"affine": "warped_affine_volume", "network": "warped_network_volume"}.get(stage, "warped_volume")
-        warped = self.node(name) or self.node("warped_volume")
+        """Fixed in the background, the affine-only, the network's prediction (the final result
+        when not refined) or the final affine + deformable result in front."""
+        if stage == "network":
+            warped = self.node("warped_network_volume") or self.node("warped_volume")
+        else:
+            warped = self.node("warped_affine_volume" if stage == "affine" else "warped_volume")
         fixed = self.node("fixed_volume")
         if warped is None or fixed is None:
             return False
