@@ -90,7 +90,15 @@ def elastix_registration(fixed: sitk.Image, moving: sitk.Image, threads: int):
     _, result = itk.elastix_registration_method(f, m, parameter_object=params, log_to_console=False,
                                                 number_of_threads=threads or 0)
     seconds = time.perf_counter() - t0
-    field = itk.transformix_deformation_field(m, result)  # on the fixed grid, fixed -> moving, mm
+    import os
+    import tempfile
+    with tempfile.TemporaryDirectory() as tmp:  # transformix writes deformationField.nii into the cwd
+        cwd = os.getcwd()
+        os.chdir(tmp)
+        try:
+            field = itk.transformix_deformation_field(m, result)  # on the fixed grid, fixed -> moving, mm
+        finally:
+            os.chdir(cwd)
     arr = itk.GetArrayFromImage(field).astype(np.float64)
     disp = sitk.GetImageFromArray(arr, isVector=True)
     disp.CopyInformation(fixed)
