@@ -18,6 +18,7 @@
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple, Union
@@ -34,6 +35,21 @@ GEOMETRY_TOL_MM = 1e-3
 
 class SegmentationDataError(ValueError):
     """A problem with segmentation images/labels, naming the file and the fix."""
+
+
+@contextlib.contextmanager
+def as_user_errors():
+    """Inside a ``gvsl`` command handler: segmentation/label errors become ``cli.UserError`` (one
+    ``error:`` line, exit code 2). Temporary until the foundation's ``gvsl.errors`` base class lands."""
+    from gvsl.cli import UserError
+    try:
+        yield
+    except (SegmentationDataError, LabelError) as exc:
+        raise UserError(str(exc)) from None
+    except ValueError as exc:
+        if type(exc).__name__ in ("SegmentationError", "TrainingError", "FinetuneError"):
+            raise UserError(str(exc)) from None
+        raise
 
 
 def resolve_table(task: Union[str, Path, LabelTable]) -> LabelTable:

@@ -225,22 +225,24 @@ def write_probabilities(result: SegmentationResult, image: sitk.Image, folder) -
 
 def run_cli(args) -> int:
     """Handler of ``gvsl segment``."""
-    from gvsl.io import read_volume, write_image_atomic
-    from gvsl.progress import Progress
-    progress = Progress(3, mode=args.progress, task="segment")
-    image = read_volume(args.image)
-    result = segment(image, args.model, args.device, precision=args.precision, window=args.window,
-                     overlap=args.overlap, keep_probabilities=bool(args.probabilities), progress=progress)
-    out = write_image_atomic(result.labels, args.out)
-    summary = {"labels": str(out), "device": result.device, "precision": result.precision,
-               "timings_s": result.timings_s, "voxels_per_label": result.voxels_per_label,
-               "warnings": result.warnings}
-    if args.seg_nrrd:
-        from gvsl.segnrrd import write_seg_nrrd
-        summary["seg_nrrd"] = str(write_seg_nrrd(result.labels, result.table, args.seg_nrrd))
-    if args.probabilities:
-        summary["probabilities"] = [str(p) for p in write_probabilities(result, image, args.probabilities)]
-    progress.event("done", **summary)
-    if args.progress != "json":
-        print(json.dumps(summary, indent=2))
-    return 0
+    from gvsl.segdata import as_user_errors
+    with as_user_errors():
+        from gvsl.io import read_volume, write_image_atomic
+        from gvsl.progress import Progress
+        progress = Progress(3, mode=args.progress, task="segment")
+        image = read_volume(args.image)
+        result = segment(image, args.model, args.device, precision=args.precision, window=args.window,
+                         overlap=args.overlap, keep_probabilities=bool(args.probabilities), progress=progress)
+        out = write_image_atomic(result.labels, args.out)
+        summary = {"labels": str(out), "device": result.device, "precision": result.precision,
+                   "timings_s": result.timings_s, "voxels_per_label": result.voxels_per_label,
+                   "warnings": result.warnings}
+        if args.seg_nrrd:
+            from gvsl.segnrrd import write_seg_nrrd
+            summary["seg_nrrd"] = str(write_seg_nrrd(result.labels, result.table, args.seg_nrrd))
+        if args.probabilities:
+            summary["probabilities"] = [str(p) for p in write_probabilities(result, image, args.probabilities)]
+        progress.event("done", **summary)
+        if args.progress != "json":
+            print(json.dumps(summary, indent=2))
+        return 0
