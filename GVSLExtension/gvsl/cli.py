@@ -214,6 +214,10 @@ def _add_finetune(sub) -> None:
                    help="autocast precision (auto: bf16/fp16 on CUDA, fp32 on CPU)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/seg_last.pt exactly")
+    p.add_argument("--model-channels", type=int, nargs=9, metavar="C",
+                   help="advanced: the U-Net's 9 widths when training from scratch (default: the pre-trained "
+                        "backbone's, else the published 32 64 128 256 512 256 128 64 32)")
+    p.add_argument("--cancel-file", metavar="PATH", help="stop cleanly (seg_last.pt saved) once PATH exists")
     _progress_arg(p)
 
 
@@ -229,6 +233,7 @@ def _add_segment(sub) -> None:
     p.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto")
     p.add_argument("--window", type=int, default=None, help="sliding-window side (default: the training crop)")
     p.add_argument("--overlap", type=float, default=0.25, help="sliding-window overlap fraction (default 0.25)")
+    p.add_argument("--cancel-file", metavar="PATH", help="stop between stages once PATH exists")
     _progress_arg(p, default="none")
 
 

@@ -52,6 +52,29 @@ def as_user_errors():
         raise
 
 
+def cancel_token_for(cancel_file=None):
+    """A CancelToken that trips once ``cancel_file`` exists (``--cancel-file``: how the Slicer
+    panels stop a background job). Uses ``CancelToken(watch_file=...)`` where gvsl.progress has it."""
+    from gvsl.progress import CancelToken
+    if not cancel_file:
+        return CancelToken()
+    try:
+        return CancelToken(watch_file=cancel_file)
+    except TypeError:  # older gvsl.progress: watch the file from a daemon thread
+        import os
+        import threading
+        token = CancelToken()
+
+        def watch():
+            while not token.cancelled:
+                if os.path.exists(cancel_file):
+                    token.cancel("cancel file")
+                    return
+                threading.Event().wait(0.5)
+        threading.Thread(target=watch, daemon=True).start()
+        return token
+
+
 def resolve_table(task: Union[str, Path, LabelTable]) -> LabelTable:
     """A task name (heart, coronary, brain), a TSV label table path, or a table -> LabelTable."""
     if isinstance(task, LabelTable):

@@ -225,14 +225,15 @@ def write_probabilities(result: SegmentationResult, image: sitk.Image, folder) -
 
 def run_cli(args) -> int:
     """Handler of ``gvsl segment``."""
-    from gvsl.segdata import as_user_errors
+    from gvsl.segdata import as_user_errors, cancel_token_for
     with as_user_errors():
         from gvsl.io import read_volume, write_image_atomic
         from gvsl.progress import Progress
         progress = Progress(3, mode=args.progress, task="segment")
         image = read_volume(args.image)
         result = segment(image, args.model, args.device, precision=args.precision, window=args.window,
-                         overlap=args.overlap, keep_probabilities=bool(args.probabilities), progress=progress)
+                         overlap=args.overlap, keep_probabilities=bool(args.probabilities), progress=progress,
+                         cancel=cancel_token_for(getattr(args, "cancel_file", None)))
         out = write_image_atomic(result.labels, args.out)
         summary = {"labels": str(out), "device": result.device, "precision": result.precision,
                    "timings_s": result.timings_s, "voxels_per_label": result.voxels_per_label,
