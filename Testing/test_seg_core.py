@@ -124,7 +124,7 @@ def test_pairs_from_folders_and_clear_errors(tmp_path):
 
 
 def test_load_case_checks_geometry_emptiness_and_dimension():
-    from gvsl.seg_contract import PreprocessSpec
+    from gvsl.preprocessing import PreprocessSpec
     ct, heart, _ = make_heart_phantom(32, 1)
     enc = LabelEncoder(resolve_table("heart"))
     spec = PreprocessSpec()

@@ -12,7 +12,7 @@ from gvsl.phantoms import make_heart_phantom
 from gvsl.segdata import SegmentationDataError, resolve_table
 from gvsl.seginfer import labels_on_image, probability_image, segment
 from gvsl.segmodel import labels_entry, new_model
-from gvsl.registration import NetworkGrid
+from gvsl.grid import Grid as NetworkGrid
 
 TINY = (8, 8, 8, 8, 16, 8, 8, 8, 8)
 

@@ -240,6 +240,7 @@ class Case:
     image_zyx: np.ndarray      # float32 in [0, 1]
     classes_zyx: np.ndarray    # uint8 class indices
     unknown_voxels: int = 0
+    warnings: List[str] = field(default_factory=list)
     class_voxels: List[np.ndarray] = field(default_factory=list, repr=False)  # flat indices per class
 
     def __post_init__(self):
@@ -253,7 +254,8 @@ class Case:
 
 def load_case(image: ImageLike, labels: ImageLike, spec, encoder: LabelEncoder) -> Case:
     """Read + check one pair, preprocess the image, encode and resample the labels (nearest)."""
-    from gvsl.seg_contract import preprocess, preprocess_labels
+    from gvsl.io import VolumeError
+    from gvsl.preprocessing import preprocess, preprocess_labels
     img, img_name = _read(image, "image")
     lab, lab_name = _read(labels, f"label map of {img_name}")
     check_label_image(lab, img, lab_name, img_name)
@@ -263,11 +265,14 @@ def load_case(image: ImageLike, labels: ImageLike, spec, encoder: LabelEncoder) 
             f"{lab_name} has no voxel of any '{encoder.table.name}' structure (values present: "
             f"{np.unique(sitk.GetArrayViewFromImage(lab)).tolist()[:20]}); an empty label map cannot teach "
             "the network. Remove the pair or fix its labels.")
-    prepared = preprocess(img, spec, name=img_name)
+    try:
+        prepared = preprocess(img, spec, name=img_name)
+    except VolumeError as exc:
+        raise SegmentationDataError(str(exc)) from None
     cls_img = sitk.GetImageFromArray(classes)
     cls_img.CopyInformation(lab)
-    on_grid = preprocess_labels(cls_img, prepared.grid).astype(np.uint8)
-    return Case(img_name, prepared.array_zyx.astype(np.float32), on_grid, n_unknown)
+    on_grid = preprocess_labels(cls_img, prepared.grid, spec.orientation).astype(np.uint8)
+    return Case(img_name, prepared.array_zyx, on_grid, n_unknown, warnings=list(prepared.warnings))
 
 
 # ----------------------------------------------------------------------------------------

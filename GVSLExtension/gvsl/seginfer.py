@@ -78,7 +78,7 @@ def network_probabilities(model, array_zyx: np.ndarray, device="auto", precision
     """Softmax probabilities (C, z, y, x) float32 (CPU) of a prepared volume; -> (probs, Inference)."""
     from monai.inferers import sliding_window_inference
 
-    from gvsl.seg_contract import Inference
+    from gvsl.inference import Inference
     inference = Inference(model, device=device, precision=precision)
     roi = tuple(int(window) for _ in range(3))
 
@@ -86,7 +86,7 @@ def network_probabilities(model, array_zyx: np.ndarray, device="auto", precision
         logits = sliding_window_inference(x, roi, sw_batch_size, m, overlap=overlap, mode="gaussian")
         return softmax_inplace(logits[0].float().cpu())
 
-    probs = inference.run(fn, array_zyx)
+    probs = inference.run(fn, array_zyx, what="segmentation")
     return probs.numpy(), inference
 
 
@@ -161,7 +161,7 @@ def segment(image: sitk.Image, model, device="auto", *, precision: str = "auto",
     """
     from gvsl.device import describe
     from gvsl.io import VolumeError, validate_volume
-    from gvsl.seg_contract import preprocess, spec_from_checkpoint
+    from gvsl.preprocessing import preprocess, spec_from_checkpoint
     from gvsl.segmodel import label_table_of
 
     if not isinstance(image, sitk.Image):
@@ -187,8 +187,11 @@ def segment(image: sitk.Image, model, device="auto", *, precision: str = "auto",
 
     t = time.perf_counter()
     stage("preprocess", "intensity normalisation and resampling onto the network grid")
-    spec = spec_from_checkpoint(model.info)
-    prepared = preprocess(image, spec, name="the input image")
+    spec, _ = spec_from_checkpoint(model.info)
+    try:
+        prepared = preprocess(image, spec, name="the input image")
+    except VolumeError as exc:
+        raise SegmentationError(str(exc)) from None
     timings["preprocess"] = time.perf_counter() - t
     win = window_of(model, window)
     t = time.perf_counter()
@@ -205,7 +208,7 @@ def segment(image: sitk.Image, model, device="auto", *, precision: str = "auto",
     return SegmentationResult(
         labels=labels, table=table, probabilities_grid=probs if keep_probabilities else None,
         grid=prepared.grid, timings_s={k: round(v, 3) for k, v in timings.items()},
-        warnings=list(getattr(inference, "warnings", [])), device=describe(inference.device),
+        warnings=list(prepared.warnings) + list(inference.warnings), device=describe(inference.device),
         precision=inference.precision.name, window=(win,) * 3,
         voxels_per_label={lab.name: int(counts[i + 1]) for i, lab in enumerate(table)})
 

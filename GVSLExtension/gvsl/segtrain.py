@@ -142,7 +142,8 @@ class FinetuneTask(TrainingTask):
     def load_data(self, trainer) -> None:
         from gvsl import segdata
         from gvsl.checkpoint import CheckpointError, load_checkpoint
-        from gvsl.seg_contract import PreprocessSpec, spec_from_checkpoint
+        from gvsl.io import VolumeError
+        from gvsl.preprocessing import PreprocessSpec, spec_from_checkpoint, with_overrides
         cfg = trainer.config
         try:
             self.table = segdata.resolve_table(cfg.task)
@@ -154,11 +155,12 @@ class FinetuneTask(TrainingTask):
                     self.init_ckpt = load_checkpoint(cfg.pretrained)
                 except CheckpointError as exc:
                     raise TrainingError(f"--pretrained: {exc}") from None
-            base = spec_from_checkpoint(self.init_ckpt) if self.init_ckpt and self.init_ckpt.get("preprocessing") \
-                else PreprocessSpec(preset=TASK_PRESETS.get(str(cfg.task), "ct"))
-            d = base.to_dict()
-            d.update({k: v for k, v in (("preset", cfg.preset), ("spacing_mm", cfg.spacing_mm)) if v is not None})
-            self.spec = PreprocessSpec.from_dict(d)
+            base, source = spec_from_checkpoint(self.init_ckpt)
+            if source == "default":  # scratch, or the published weights (which record nothing)
+                base = PreprocessSpec(preset=TASK_PRESETS.get(str(cfg.task), base.preset))
+            self.spec, notes = with_overrides(base, source, cfg.preset, cfg.spacing_mm)
+            for note in notes:
+                trainer.progress.event("warning", message=note)
             pairs = segdata.find_pairs(cfg.images, cfg.labels)
             self.cases = [segdata.load_case(i, lab, self.spec, self.encoder) for i, lab in pairs]
             if cfg.val_images:
@@ -166,8 +168,11 @@ class FinetuneTask(TrainingTask):
                 self.val_cases = [segdata.load_case(i, lab, self.spec, self.encoder) for i, lab in vpairs]
             else:
                 self.val_cases = self.cases
-        except segdata.SegmentationDataError as exc:
+        except (segdata.SegmentationDataError, VolumeError) as exc:
             raise TrainingError(str(exc)) from None
+        for case in self.cases + (self.val_cases if cfg.val_images else []):
+            for note in case.warnings:
+                trainer.progress.event("warning", message=note)
         unknown = sum(c.unknown_voxels for c in self.cases + (self.val_cases if cfg.val_images else []))
         if unknown:
             trainer.progress.event("warning", message=f"{unknown} voxels had label values outside the "
