@@ -120,3 +120,45 @@ def test_finetune_from_node_pairs_gives_a_model_segment_volume_uses(scene, tmp_p
     node = lib.segment_volume(pairs[1][0], summary["model_path"], "cpu")
     assert node.GetAttribute(lib.ATTRIBUTE_MODEL) == summary["model_path"]
     assert gvsl_mrml.segment_names(node) == table.names
+
+
+def test_terms_chart_collects_steps_and_validation(scene):
+    chart = lib.TermsChart(scene, "ft")
+    chart.append({"event": "step", "step": 1, "loss": 2.0, "dice": 0.9, "ce": 1.1})
+    chart.append({"event": "validation", "step": 1, "dice_mean": 0.25})
+    chart.append({"event": "warning", "message": "x"})
+    assert chart.values("step") == [1.0, 1.0]
+    assert chart.values("loss")[0] == 2.0 and np.isnan(chart.values("loss")[1])
+    assert chart.values("val_dice_mean")[1] == 0.25
+    assert chart.chart.GetNumberOfPlotSeriesNodes() == 4
+
+
+def test_background_segment_and_finetune_cancel_resume(scene, heart, tmp_path):
+    pytest.importorskip("gvsl_slicer.jobs", reason="needs the shared job runner (gvsl_slicer, h/slicer)")
+    table = resolve_table("heart")
+    ct, labels, _ = heart
+    volume = gvsl_mrml.sitk_to_volume_node(ct, scene, "ct")
+    seg = lib.labels_to_segmentation(labels, table, scene, "truth", volume)
+    run = lib.start_finetune([(volume, seg)], "heart", tmp_path / "ft", scene=scene, steps=400, crop=16,
+                             batch_size=1, val_every=0, save_every=1, device="cpu",
+                             model_channels=TINY)
+    import time
+    t0 = time.time()
+    while run.poll() == "running" and not run.steps and time.time() - t0 < 120:
+        time.sleep(0.2)
+    assert run.steps, run.error
+    run.cancel()
+    assert run.wait(180) == "cancelled", run.error
+    last = torch.load(tmp_path / "ft" / "seg_last.pt", weights_only=True)
+    assert last["step"] >= 1 and len(run.chart.values("step")) >= 1
+    resumed = lib.start_finetune([(volume, seg)], "heart", tmp_path / "ft", resume=True, steps=last["step"] + 1,
+                                 crop=16, batch_size=1, val_every=0, save_every=1, device="cpu", model_channels=TINY)
+    assert resumed.wait(180) == "done", resumed.error
+    assert resumed.summary["step"] == last["step"] + 1
+    background = lib.SegmentationRun(volume, resumed.model_path, "cpu").start()
+    assert background.wait(180) == "done", background.job.error
+    direct = lib.segment_volume(volume, resumed.model_path, "cpu")
+    a, _ = gvsl_mrml.segmentation_to_sitk_labels(background.segmentation_node, volume,
+                                                 segment_values={lab.name: lab.value for lab in table})
+    b, _ = gvsl_mrml.segmentation_to_sitk_labels(direct, volume, segment_values={lab.name: lab.value for lab in table})
+    assert np.array_equal(sitk.GetArrayFromImage(a), sitk.GetArrayFromImage(b))

@@ -256,7 +256,8 @@ class FinetuneTask(TrainingTask):
     # -- checkpoints ------------------------------------------------------------------------
     def checkpoint_fields(self, trainer) -> dict:
         from gvsl.segmodel import labels_entry
-        return {"kind": self.kind, "preprocessing": self.spec.to_dict(), "labels": labels_entry(self.table),
+        return {"kind": self.kind, "task": self.table.name, "preprocessing": self.spec.to_dict(),
+                "labels": labels_entry(self.table),
                 "scores": dict(self.scores), "mode": trainer.config.mode, "init": self._init_name()}
 
     def state_dict(self) -> dict:

@@ -81,7 +81,7 @@ class FinetuneRun:
     end: ``state``, ``error``, ``summary``, ``model_path``. ``history``: step records for the chart."""
 
     def __init__(self, pairs, task, output_dir, *, pretrained=None, validation_pairs=None, temp_dir=None,
-                 on_event: Optional[Callable[[dict], None]] = None, resume: bool = False, **options):
+                 on_event: Optional[Callable[[dict], None]] = None, resume: bool = False, scene=None, **options):
         from gvsl_slicer.jobs import Job
         self.temp_dir = temp_dir or tempfile.mkdtemp(prefix="gvsl-finetune-")
         images, labels = export_pairs(pairs, Path(self.temp_dir) / "train", task)
@@ -104,12 +104,18 @@ class FinetuneRun:
         if resume:
             args.append("--resume")
         self.on_event = on_event
+        self.chart = None
+        if scene is not None:
+            from GVSLSegmentationLib.background import TermsChart
+            self.chart = TermsChart(scene, f"GVSL fine-tuning ({Path(output_dir).name})")
         self.steps: List[dict] = []
         self.validations: List[dict] = []
         self.summary: Optional[dict] = None
         self.job = Job(args, on_event=self._event, grace_s=120.0)
 
     def _event(self, record: dict) -> None:
+        if self.chart is not None:
+            self.chart.append(record)
         if record.get("event") == "step":
             self.steps.append(record)
         elif record.get("event") == "validation":
