@@ -263,6 +263,8 @@ def _add_demo(sub) -> None:
     p.add_argument("--batch-size", type=int, default=DEFAULTS["batch_size"],
                    help=f"pairs per step (default {DEFAULTS['batch_size']})")
     p.add_argument("--lr", type=float, default=DEFAULTS["lr"], help=f"Adam learning rate (default {DEFAULTS['lr']})")
+    p.add_argument("--finetune-steps", type=int, default=DEFAULTS["finetune_steps"],
+                   help=f"segmentation fine-tuning steps after pre-training; 0 skips it (default {DEFAULTS['finetune_steps']})")
     p.add_argument("--seed", type=int, default=0)
     _device_arg(p)
     _progress_arg(p)
