@@ -161,3 +161,19 @@ def test_patches_oversample_rare_foreground_and_are_seeded():
     small = Case("s", np.ones((10, 12, 14), np.float32), np.ones((10, 12, 14), np.uint8))
     img, lab = sample_patch(small, 16, g)
     assert img.shape == (16, 16, 16) and img.sum() == 10 * 12 * 14 and lab.sum() == 10 * 12 * 14
+
+
+def test_segmentation_modules_do_not_import_monai_at_import_time():
+    import subprocess
+    import sys
+    code = ("import sys, gvsl.segtrain, gvsl.seginfer, gvsl.segeval, gvsl.segdata, gvsl.segmodel, gvsl.segnrrd, "
+            "gvsl.segpictures, gvsl.cli; assert 'monai' not in sys.modules, 'monai imported'")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_gvsl_info_describes_a_segmentation_model(tmp_path, capsys):
+    from gvsl.cli import main
+    save_seg(tmp_path / "seg.pt", resolve_table("coronary"))
+    assert main(["info", "--model", str(tmp_path / "seg.pt"), "--device", "cpu"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["model"]["kind"] == "segmentation" and info["model"]["labels"]["values"] == [1]

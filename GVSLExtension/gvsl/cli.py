@@ -142,7 +142,7 @@ def run_info(args) -> int:
         from gvsl.checkpoint import load_model
         from gvsl.network import count_parameters
         from gvsl.preprocessing import spec_from_checkpoint
-        model = load_model(args.model)
+        model = load_model(args.model, kind=None)  # any kind: pre-training or segmentation
         spec, source = spec_from_checkpoint(model.info)
         info["model"] = dict(model.info, parameters=count_parameters(model))
         info["preprocessing"] = {"spec": spec.to_dict(), "source": source, "description": spec.describe()}

@@ -23,7 +23,7 @@ from pathlib import Path
 from gvsl.checkpoint import atomic_write_text
 from gvsl.progress import Progress
 
-DEFAULTS = {"n": 6, "size": 64, "steps": 60, "crop": 48, "batch_size": 1, "lr": 1e-4, "finetune_steps": 60}
+DEFAULTS = {"n": 6, "size": 64, "steps": 60, "crop": 48, "batch_size": 1, "lr": 1e-4, "finetune_steps": 40}
 
 
 def run_demo(out: str | Path = "demo-output", *, n: int = DEFAULTS["n"], size: int = DEFAULTS["size"],
