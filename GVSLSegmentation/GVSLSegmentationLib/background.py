@@ -38,8 +38,8 @@ class SegmentationRun:
         self.show_3d_surfaces = show_3d_surfaces
         self.temp_dir = tempfile.mkdtemp(prefix="gvsl-segment-")
         image = gvsl_mrml.volume_node_to_sitk(volume_node, apply_parent_transform=False, what="input volume")
-        self.image_path = str(write_image_atomic(image, Path(self.temp_dir) / "input.nii.gz"))
-        self.labels_path = str(Path(self.temp_dir) / "labels.nii.gz")
+        self.image_path = str(write_image_atomic(image, Path(self.temp_dir) / "input.nrrd"))
+        self.labels_path = str(Path(self.temp_dir) / "labels.nrrd")
         self._on_event = on_event
         self.job = Job(["segment", "--model", self.model_path, "--image", self.image_path, "--out", self.labels_path,
                         "--device", device], on_event=self._event, grace_s=10.0)

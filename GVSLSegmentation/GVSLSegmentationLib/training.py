@@ -1,8 +1,9 @@
 """Fine-tune from (volume node, segmentation node) pairs (MRML, no Qt).
 
-:func:`export_pairs` writes each pair as ``images/<i>.nii.gz`` + ``labels/<i>.nii.gz`` (the
+:func:`export_pairs` writes each pair as ``images/<i>.nrrd`` + ``labels/<i>.nrrd`` (NRRD keeps the geometry in double precision; NIfTI rounds it to float32) (the
 segments exported onto the volume's grid with the task's source values, matched by segment
-name; label map volume nodes are taken as they are). :func:`finetune_from_nodes` then runs
+name; label map volume nodes are taken as they are). The pairs are exported into
+``<output_dir>/inputs/`` (kept): a resumed run names the same files, as ``--resume`` requires. :func:`finetune_from_nodes` then runs
 :func:`gvsl.segtrain.finetune` in this process (console API, blocking) and returns the summary
 with ``model_path`` (the best checkpoint). :func:`start_finetune` runs ``gvsl finetune`` as a
 background child process through the shared job runner (:mod:`gvsl_slicer.jobs`) for the panel:
@@ -11,7 +12,6 @@ progress records, Cancel, a live loss/Dice chart. Nodes are never modified.
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 from typing import Callable, List, Optional, Sequence, Tuple
 
@@ -46,8 +46,8 @@ def export_pairs(pairs: Sequence[Tuple[object, object]], folder, task) -> Tuple[
             raise SegmentationInputError(f"pair {i + 1} has no volume.")
         image = gvsl_mrml.volume_node_to_sitk(volume_node, apply_parent_transform=False, what=f"volume of pair {i + 1}")
         lab = _labels_of(label_node, volume_node, table)
-        images.append(str(write_image_atomic(image, folder / "images" / f"case{i:03d}.nii.gz")))
-        labels.append(str(write_image_atomic(lab, folder / "labels" / f"case{i:03d}.nii.gz")))
+        images.append(str(write_image_atomic(image, folder / "images" / f"case{i:03d}.nrrd")))
+        labels.append(str(write_image_atomic(lab, folder / "labels" / f"case{i:03d}.nrrd")))
     return images, labels
 
 
@@ -58,12 +58,11 @@ def finetune_from_nodes(pairs, task, output_dir, *, validation_pairs=None, pretr
     summary plus ``model_path`` (seg_best.pt when validation ran, else seg_final.pt/seg_last.pt)."""
     from gvsl.segtrain import finetune
     output_dir = Path(output_dir)
-    with tempfile.TemporaryDirectory(prefix="gvsl-finetune-") as tmp:
-        images, labels = export_pairs(pairs, Path(tmp) / "train", task)
-        val = export_pairs(validation_pairs, Path(tmp) / "val", task) if validation_pairs else (None, None)
-        options.setdefault("progress", "none")
-        summary = finetune(task=task, images=images, labels=labels, val_images=val[0], val_labels=val[1],
-                           out=str(output_dir), pretrained=pretrained, callback=callback, cancel=cancel, **options)
+    images, labels = export_pairs(pairs, output_dir / "inputs" / "train", task)
+    val = export_pairs(validation_pairs, output_dir / "inputs" / "val", task) if validation_pairs else (None, None)
+    options.setdefault("progress", "none")
+    summary = finetune(task=task, images=images, labels=labels, val_images=val[0], val_labels=val[1],
+                       out=str(output_dir), pretrained=pretrained, callback=callback, cancel=cancel, **options)
     summary["model_path"] = model_path_of(summary)
     return summary
 
@@ -80,14 +79,14 @@ class FinetuneRun:
     """A background ``gvsl finetune`` (see the module docstring). ``poll()`` never blocks; after the
     end: ``state``, ``error``, ``summary``, ``model_path``. ``history``: step records for the chart."""
 
-    def __init__(self, pairs, task, output_dir, *, pretrained=None, validation_pairs=None, temp_dir=None,
+    def __init__(self, pairs, task, output_dir, *, pretrained=None, validation_pairs=None,
                  on_event: Optional[Callable[[dict], None]] = None, resume: bool = False, scene=None, **options):
         from gvsl_slicer.jobs import Job
-        self.temp_dir = temp_dir or tempfile.mkdtemp(prefix="gvsl-finetune-")
-        images, labels = export_pairs(pairs, Path(self.temp_dir) / "train", task)
+        self.inputs_dir = Path(output_dir) / "inputs"
+        images, labels = export_pairs(pairs, self.inputs_dir / "train", task)
         args = ["finetune", "--task", str(task), "--images", *images, "--labels", *labels, "--out", str(output_dir)]
         if validation_pairs:
-            vi, vl = export_pairs(validation_pairs, Path(self.temp_dir) / "val", task)
+            vi, vl = export_pairs(validation_pairs, self.inputs_dir / "val", task)
             args += ["--val-images", *vi, "--val-labels", *vl]
         if pretrained:
             args += ["--pretrained", str(pretrained)]
