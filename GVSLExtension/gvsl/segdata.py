@@ -244,12 +244,12 @@ class Case:
     class_voxels: List[np.ndarray] = field(default_factory=list, repr=False)  # flat indices per class
 
     def __post_init__(self):
-        if not self.class_voxels:
+        if not self.class_voxels:  # foreground voxels only (int64 flat indices), grouped by class
             flat = self.classes_zyx.ravel()
-            order = np.argsort(flat, kind="stable")
-            counts = np.bincount(flat, minlength=int(flat.max()) + 1)
-            splits = np.split(order, np.cumsum(counts)[:-1])
-            self.class_voxels = list(splits)
+            fg = np.flatnonzero(flat)
+            fg = fg[np.argsort(flat[fg], kind="stable")]
+            counts = np.bincount(flat[fg], minlength=int(flat.max()) + 1)
+            self.class_voxels = [np.empty(0, np.int64)] + list(np.split(fg, np.cumsum(counts[1:])[:-1]))
 
 
 def load_case(image: ImageLike, labels: ImageLike, spec, encoder: LabelEncoder) -> Case:
