@@ -7,6 +7,7 @@ from gvsl.cli import main as gvsl_main
 def test_demo_end_to_end_writes_summary_and_pictures(tmp_path, capsys):
     out = tmp_path / "demo"
     rc = gvsl_main(["demo", "--out", str(out), "--n", "3", "--size", "32", "--steps", "2", "--crop", "32", "--refine", "10",
+                    "--finetune-steps", "2",
                     "--device", "cpu", "--progress", "none"])
     assert rc == 0
     printed = capsys.readouterr().out
@@ -23,3 +24,9 @@ def test_demo_end_to_end_writes_summary_and_pictures(tmp_path, capsys):
     for name in ("warped.nii.gz", "composite.h5", "metrics.json", "overview.png"):
         assert (out / "register-pretrained" / name).exists()
     assert (out / "summary.md").read_text().startswith("# GVSL demo summary")
+    seg = summary["segmentation"]
+    assert seg["steps"] == 2 and set(seg["dice"]) == {
+        "Left ventricle myocardium", "Left atrium blood cavity", "Left ventricle blood cavity",
+        "Right atrium blood cavity", "Right ventricle blood cavity", "Ascending aorta", "Pulmonary artery"}
+    assert (out / "segment" / "prediction.seg.nrrd").exists() and seg["picture"] in summary["pictures"]
+    assert "Segmentation of the held-out phantom" in printed

@@ -9,6 +9,8 @@ Public API::
     gvsl.load_model(path, device)         our checkpoints or the published weights (gvsl.checkpoint)
     gvsl.save_checkpoint(path, model, ...)
     gvsl.select_device("auto")            (gvsl.device)
+    gvsl.finetune(...), gvsl.segment(image, model), gvsl.evaluate(pred, truth, task)
+                                          segmentation (gvsl.segtrain, gvsl.seginfer, gvsl.segeval)
 """
 from __future__ import annotations
 
@@ -26,6 +28,9 @@ _LAZY = {
     "select_device": "gvsl.device",
     "register": "gvsl.registration",
     "RegistrationResult": "gvsl.registration",
+    "finetune": "gvsl.segtrain",
+    "segment": "gvsl.seginfer",
+    "evaluate": "gvsl.segeval",
 }
 
 

@@ -99,7 +99,7 @@ def _strip_prefix(state: dict, prefix: str) -> dict:
     return state
 
 
-def _check_state_dict(state: dict, model: GVSL, path) -> None:
+def check_state_dict(state: dict, model, path) -> None:
     """Raise naming the first missing, unexpected or mis-shaped key."""
     expected = model.state_dict()
     for key, ref in expected.items():
@@ -115,6 +115,9 @@ def _check_state_dict(state: dict, model: GVSL, path) -> None:
     for key in state:
         if key not in expected:
             raise CheckpointError(f"{path}: unexpected key '{key}'; the file is for a different network.")
+
+
+_check_state_dict = check_state_dict  # former private name
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict:
@@ -155,29 +158,61 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
     return ckpt
 
 
-def model_from_checkpoint(ckpt: dict, path="checkpoint") -> GVSL:
-    """Build a :class:`GVSL` from a dict returned by :func:`load_checkpoint`."""
-    kind = ckpt.get("kind", KIND_PRETRAIN)
-    if kind != KIND_PRETRAIN:
-        raise CheckpointError(
-            f"{path} is a '{kind}' checkpoint; registration and pre-training need a GVSL pre-training "
-            "checkpoint (from 'gvsl pretrain') or the published GVSL weights.")
+# Model kinds: kind -> builder(ckpt, path) -> nn.Module ("module:function" strings import lazily).
+BUILDERS = {KIND_PRETRAIN: "gvsl.checkpoint:_build_pretrain",
+            "segmentation": "gvsl.segmodel:build_from_checkpoint"}
+_WHAT_NEEDS = {KIND_PRETRAIN: "registration and pre-training need a GVSL pre-training checkpoint "
+                              "(from 'gvsl pretrain') or the published GVSL weights",
+               "segmentation": "segmentation needs a segmentation checkpoint (from 'gvsl finetune'); "
+                               "a pre-training checkpoint or the published weights are the starting "
+                               "point of 'gvsl finetune --pretrained CKPT'"}
+_KIND_NAMES = {KIND_PRETRAIN: "a 'pretrain' checkpoint (GVSL pre-training or the published weights)",
+               "segmentation": "a 'segmentation' checkpoint (from 'gvsl finetune')"}
+
+
+def _build_pretrain(ckpt: dict, path) -> GVSL:
     model = GVSL(ModelConfig.from_dict(ckpt["model_config"]))
     state = dict(ckpt["state_dict"])
-    _check_state_dict(state, model, path)
+    check_state_dict(state, model, path)
     if ckpt.get("source") == "reference":
         state["fc_trans.weight"] = state["fc_trans.weight"] * REFERENCE_TRANSLATION_SCALE
         state["fc_trans.bias"] = state["fc_trans.bias"] * REFERENCE_TRANSLATION_SCALE
     model.load_state_dict(state)
+    return model
+
+
+def model_from_checkpoint(ckpt: dict, path="checkpoint", kind: Optional[str] = KIND_PRETRAIN):
+    """Build the model of a dict returned by :func:`load_checkpoint`.
+
+    ``kind``: the kind the caller needs (default ``pretrain``, a :class:`GVSL`; ``segmentation``,
+    a :class:`gvsl.segmodel.SegmentationNet`; None: whatever the file holds). A file of another
+    kind is one :class:`CheckpointError` saying what it is and what is needed.
+    """
+    import importlib
+    have = ckpt.get("kind", KIND_PRETRAIN)
+    if have not in BUILDERS:
+        raise CheckpointError(f"{path} holds a model of unknown kind '{have}'; this gvsl builds "
+                              f"{sorted(BUILDERS)}. Update the extension.")
+    if kind is not None and have != kind:
+        raise CheckpointError(f"{path} is {_KIND_NAMES.get(have, repr(have))}; "
+                              f"{_WHAT_NEEDS.get(kind, f'a {kind!r} model is needed')}.")
+    module_name, func = BUILDERS[have].split(":")
+    model = getattr(importlib.import_module(module_name), func)(ckpt, path)
     model.info = {k: ckpt[k] for k in ("kind", "source", "step", "preprocessing", "model_config")}
+    for key in ("labels", "train_config", "scores"):
+        if key in ckpt:
+            model.info[key] = ckpt[key]
     model.info["path"] = str(path)
     return model
 
 
-def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> GVSL:
-    """Load a GVSL model (our checkpoint or the published weights) in eval mode on ``device``.
+def load_model(path: str | os.PathLike, device: str | torch.device = "cpu",
+               kind: Optional[str] = KIND_PRETRAIN):
+    """Load a model (our checkpoint or the published weights) in eval mode on ``device``.
 
-    ``model.info`` holds the checkpoint metadata (kind, source, step, preprocessing, config).
+    ``kind``: see :func:`model_from_checkpoint` (default: a GVSL pre-training model).
+    ``model.info`` holds the checkpoint metadata (kind, source, step, preprocessing, config;
+    segmentation models also labels, train_config, scores).
     """
-    model = model_from_checkpoint(load_checkpoint(path), path)
+    model = model_from_checkpoint(load_checkpoint(path), path, kind=kind)
     return model.to(device).eval()

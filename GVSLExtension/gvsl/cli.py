@@ -283,7 +283,7 @@ def run_info(args) -> int:
         from gvsl.checkpoint import load_model
         from gvsl.network import count_parameters
         from gvsl.preprocessing import spec_from_checkpoint
-        model = load_model(args.model)
+        model = load_model(args.model, kind=None)  # any kind: pre-training or segmentation
         spec, source = spec_from_checkpoint(model.info)
         info["model"] = dict(model.info, parameters=count_parameters(model))
         info["preprocessing"] = {"spec": spec.to_dict(), "source": source, "description": spec.describe()}
@@ -324,6 +324,78 @@ def _add_pretrain(sub) -> None:
     _progress_arg(p)
 
 
+@command("finetune", "gvsl.segtrain:run_cli")
+def _add_finetune(sub) -> None:
+    p = sub.add_parser(
+        "finetune", help="fine-tune (or linear-probe) a GVSL backbone on labelled volumes -> a segmentation model",
+        description="Trains backbone + output convolution (Dice + cross-entropy) on image/label pairs; keeps "
+                    "the best validation Dice. Under torchrun it trains with DistributedDataParallel.")
+    p.add_argument("--task", required=True, metavar="heart|coronary|brain|TABLE.tsv",
+                   help="label table: heart (MM-WHS 205...850), coronary (1), brain (28 FreeSurfer aseg) or a .tsv")
+    p.add_argument("--images", nargs="+", required=True, metavar="PATH", help="a folder of images, or image files")
+    p.add_argument("--labels", nargs="+", required=True, metavar="PATH",
+                   help="a folder of label maps with the images' file names, or label files in the images' order")
+    p.add_argument("--val-images", nargs="+", metavar="PATH", help="validation images (folder or files)")
+    p.add_argument("--val-labels", nargs="+", metavar="PATH", help="validation label maps (folder or files)")
+    p.add_argument("--pretrained", metavar="CKPT",
+                   help="GVSL pre-training checkpoint, the published GVSL weights, or a segmentation checkpoint "
+                        "(default: train from scratch)")
+    p.add_argument("--out", required=True, help="output folder (checkpoints, history, curves)")
+    p.add_argument("--mode", choices=("finetune", "linear"), default="finetune",
+                   help="finetune: all weights train; linear: frozen backbone, only the output layer (default finetune)")
+    p.add_argument("--steps", type=positive_int, default=2000, help="optimisation steps (default 2000)")
+    p.add_argument("--crop", type=positive_int, default=96, help="cubic patch side in voxels, also the inference window (default 96)")
+    p.add_argument("--batch-size", type=positive_int, default=2, help="patches per step and process (default 2)")
+    p.add_argument("--lr", type=positive_float, default=1e-4, help="Adam learning rate (default 1e-4)")
+    p.add_argument("--val-every", type=nonnegative_int, default=200, help="validate every N steps (default 200)")
+    p.add_argument("--save-every", type=nonnegative_int, default=200, help="resumable checkpoint every N steps (default 200)")
+    p.add_argument("--preset", choices=("ct", "mr"), default=None,
+                   help="intensity preset (default: the pretrained checkpoint's, else ct for heart/coronary, mr for brain)")
+    p.add_argument("--spacing", type=positive_float, default=None, help="isotropic spacing in mm (default: the checkpoint's, else 1)")
+    p.add_argument("--ignore-unknown-labels", action="store_true",
+                   help="label values outside the task's table become background (default: an error listing them)")
+    p.add_argument("--remap", metavar="TSV", help="label remapping table: lines 'source<TAB>target' (target 0 = background)")
+    _device_arg(p)
+    p.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
+                   help="autocast precision (auto: bf16/fp16 on CUDA, fp32 on CPU)")
+    p.add_argument("--seed", type=nonnegative_int, default=0, help="random seed (default 0)")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/seg_last.pt exactly")
+    p.add_argument("--model-channels", type=int, nargs=9, metavar="C",
+                   help="advanced: the U-Net's 9 widths when training from scratch (default: the pre-trained "
+                        "backbone's, else the published 32 64 128 256 512 256 128 64 32)")
+    _overwrite_arg(p)
+    _cancel_arg(p)
+    _progress_arg(p)
+
+
+@command("segment", "gvsl.seginfer:run_cli")
+def _add_segment(sub) -> None:
+    p = sub.add_parser("segment", help="segment a volume with a fine-tuned GVSL model (labels in the task's values)")
+    p.add_argument("--model", required=True, help="segmentation checkpoint from 'gvsl finetune'")
+    p.add_argument("--image", required=True, help="volume: NIfTI, NRRD, MHA or DICOM folder")
+    p.add_argument("--out", required=True, help="label map to write (e.g. labels.nii.gz), on the input's exact grid")
+    p.add_argument("--seg-nrrd", metavar="OUT.seg.nrrd", help="also write a Slicer segmentation file")
+    p.add_argument("--probabilities", metavar="DIR", help="also write one probability image per structure")
+    _device_arg(p)
+    p.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto")
+    p.add_argument("--window", type=positive_int, default=None, help="sliding-window side (default: the training crop)")
+    p.add_argument("--overlap", type=float, default=0.25, help="sliding-window overlap fraction (default 0.25)")
+    _cancel_arg(p)
+    _progress_arg(p, default="none")
+
+
+@command("evaluate", "gvsl.segeval:run_cli")
+def _add_evaluate(sub) -> None:
+    p = sub.add_parser("evaluate", help="per-structure Dice and HD95 of a predicted label map against the truth")
+    p.add_argument("--pred", required=True, help="predicted label map (the task's label values)")
+    p.add_argument("--truth", required=True, help="reference label map on the same grid")
+    p.add_argument("--task", required=True, metavar="heart|coronary|brain|TABLE.tsv")
+    p.add_argument("--json", metavar="FILE", help="also write the metrics as JSON")
+    p.add_argument("--ignore-unknown-labels", action="store_true", help="truth values outside the table count as background")
+    p.add_argument("--remap", metavar="TSV", help="truth remapping table 'source<TAB>target'")
+    _progress_arg(p, default="none")
+
+
 @command("demo", "gvsl.demo:run_cli")
 def _add_demo(sub) -> None:
     from gvsl.demo import DEFAULTS
@@ -340,6 +412,8 @@ def _add_demo(sub) -> None:
     p.add_argument("--lr", type=positive_float, default=DEFAULTS["lr"], help=f"Adam learning rate (default {DEFAULTS['lr']})")
     p.add_argument("--refine", default=DEFAULTS["refine"], metavar="N",
                    help="test-time refinement steps of each registration (0 = network only; default auto)")
+    p.add_argument("--finetune-steps", type=nonnegative_int, default=DEFAULTS["finetune_steps"],
+                   help=f"segmentation fine-tuning steps after pre-training; 0 skips it (default {DEFAULTS['finetune_steps']})")
     p.add_argument("--seed", type=nonnegative_int, default=0)
     _device_arg(p)
     _progress_arg(p)
