@@ -189,8 +189,9 @@ def test_disk_full_while_saving_is_one_clear_error_and_the_previous_checkpoint_s
         return original_save(obj, f, *args, **kwargs)
 
     monkeypatch.setattr(torch, "save", save_then_fail)
-    with pytest.raises(TrainingError, match=r"could not write .*toy_last.pt: No space left on device .*intact"):
+    with pytest.raises(TrainingError, match=r"disk full: nothing replaced: writing .*toy_last.pt .*previous content") as info:
         run_task(ToyTask(), ToyConfig(out=str(tmp_path), steps=6, save_every=2, validate_every=0))
+    assert info.value.exit_code == 1 and info.value.collective  # an environment fault, decided on every rank
     monkeypatch.setattr(torch, "save", original_save)
     assert load(tmp_path / "toy_last.pt")["step"] == 2  # the first save, unharmed
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no temp file left

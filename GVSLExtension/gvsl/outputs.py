@@ -54,7 +54,10 @@ PathLike = Union[str, os.PathLike]
 
 REGISTER_OUTPUTS = ("warped.nii.gz", "warped_affine.nii.gz", "affine.tfm", "deformable.nii.gz",
                     "displacement.nii.gz", "composite.h5", "jacobian.nii.gz", "warped_labels.nii.gz",
-                    "metrics.json", "overview.png")
+                    "metrics.json", "overview.png",
+                    # with --refine: the network's own prediction beside the refined result
+                    "warped_network.nii.gz", "deformable_network.nii.gz", "composite_network.h5",
+                    "warped_labels_network.nii.gz")
 
 
 def training_results(prefix: str) -> tuple:

@@ -87,6 +87,7 @@ import torch
 from gvsl import checkpoint, distributed
 from gvsl.device import choose_precision, describe
 from gvsl.distributed import DistInfo, init_distributed
+from gvsl.errors import EnvironmentFault
 from gvsl.progress import CancelToken, Progress
 from gvsl.training_config import TrainingError, check_common_settings, option_name, resolve_resume_config
 
@@ -286,10 +287,16 @@ class Trainer:
         def write() -> str:  # rank 0; a failed write is raised on every rank (none left waiting)
             try:
                 return str(self.task.save_checkpoint(self, target, self.model, extra))
+            except EnvironmentFault as exc:  # the verified writer's "disk full: nothing replaced"
+                error = TrainingError(str(exc), collective=True)
+                error.exit_code = exc.exit_code  # an environment fault: exit code 1
+                raise error from None
             except OSError as exc:
-                raise TrainingError(
+                error = TrainingError(
                     f"could not write {target}: {exc.strerror or exc} (disk full or not writable?); "
-                    f"nothing was replaced: the previous {name} (if any) is intact", collective=True) from None
+                    f"nothing was replaced: the previous {name} (if any) is intact", collective=True)
+                error.exit_code = 1
+                raise error from None
 
         path = Path(distributed.on_rank0_shared(self.dist, self.device, write))
         if resumable:

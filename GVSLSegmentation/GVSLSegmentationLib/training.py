@@ -3,7 +3,7 @@
 :func:`export_pairs` writes each pair as ``images/<i>.nrrd`` + ``labels/<i>.nrrd`` (NRRD keeps the geometry in double precision; NIfTI rounds it to float32) (the
 segments exported onto the volume's grid with the task's source values, matched by segment
 name; label map volume nodes are taken as they are). The pairs are exported into
-``<output_dir>/inputs/`` (kept): a resumed run names the same files, as ``--resume`` requires. :func:`finetune_from_nodes` then runs
+``<output_dir>-inputs/`` beside the output folder (kept): a resumed run names the same files, as ``--resume`` requires. :func:`finetune_from_nodes` then runs
 :func:`gvsl.segtrain.finetune` in this process (console API, blocking) and returns the summary
 with ``model_path`` (the best checkpoint). :func:`start_finetune` runs ``gvsl finetune`` as a
 background child process through the shared job runner (:mod:`gvsl_slicer.jobs`) for the panel:
@@ -51,6 +51,14 @@ def export_pairs(pairs: Sequence[Tuple[object, object]], folder, task) -> Tuple[
     return images, labels
 
 
+def inputs_folder(output_dir) -> Path:
+    """Where the node pairs are exported: ``<output_dir>-inputs`` beside the output folder (never
+    inside it: ``--out`` may not hold the run's own inputs), the same for every run into
+    ``output_dir``, so a resumed run names the same files."""
+    output_dir = Path(output_dir).expanduser().absolute()
+    return output_dir.parent / f"{output_dir.name}-inputs"
+
+
 def finetune_from_nodes(pairs, task, output_dir, *, validation_pairs=None, pretrained: Optional[str] = None,
                         callback: Optional[Callable[[dict], None]] = None, cancel=None, **options) -> dict:
     """Fine-tune on node pairs in this process; ``options`` are :class:`gvsl.segtrain.FinetuneConfig`
@@ -58,8 +66,8 @@ def finetune_from_nodes(pairs, task, output_dir, *, validation_pairs=None, pretr
     summary plus ``model_path`` (seg_best.pt when validation ran, else seg_final.pt/seg_last.pt)."""
     from gvsl.segtrain import finetune
     output_dir = Path(output_dir)
-    images, labels = export_pairs(pairs, output_dir / "inputs" / "train", task)
-    val = export_pairs(validation_pairs, output_dir / "inputs" / "val", task) if validation_pairs else (None, None)
+    images, labels = export_pairs(pairs, inputs_folder(output_dir) / "train", task)
+    val = export_pairs(validation_pairs, inputs_folder(output_dir) / "val", task) if validation_pairs else (None, None)
     options.setdefault("progress", "none")
     summary = finetune(task=task, images=images, labels=labels, val_images=val[0], val_labels=val[1],
                        out=str(output_dir), pretrained=pretrained, callback=callback, cancel=cancel, **options)
@@ -82,7 +90,7 @@ class FinetuneRun:
     def __init__(self, pairs, task, output_dir, *, pretrained=None, validation_pairs=None,
                  on_event: Optional[Callable[[dict], None]] = None, resume: bool = False, scene=None, **options):
         from gvsl_slicer.jobs import Job
-        self.inputs_dir = Path(output_dir) / "inputs"
+        self.inputs_dir = inputs_folder(output_dir)
         images, labels = export_pairs(pairs, self.inputs_dir / "train", task)
         args = ["finetune", "--task", str(task), "--images", *images, "--labels", *labels, "--out", str(output_dir)]
         if validation_pairs:
