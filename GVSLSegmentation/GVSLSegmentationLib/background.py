@@ -4,8 +4,8 @@
   and at the end (``poll()`` -> "done") reads the label map and fills the segmentation node with
   :func:`GVSLSegmentationLib.logic.labels_to_segmentation`, exactly as :func:`segment_volume` does
   in-process. The GUI never waits on the network; Cancel stops between stages.
-* :class:`TermsChart`: a live chart of a job's step records (table node + one plot series per
-  term + a chart node): fine-tuning shows loss, Dice loss, cross-entropy and the validation Dice.
+* :class:`TermsChart` (the shared :mod:`gvsl_slicer.chart`, re-exported): fine-tuning's live
+  chart of loss, Dice loss, cross-entropy and the validation Dice.
 """
 from __future__ import annotations
 
@@ -13,12 +13,11 @@ import json
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Callable, Dict, Optional, Sequence
+from typing import Callable, Optional
 
 import gvsl_mrml
-import slicer
-import vtk
 
+from gvsl_slicer.chart import TermsChart  # noqa: F401 - the shared chart, re-exported for the panel
 from GVSLSegmentationLib.logic import ATTRIBUTE_MODEL, labels_to_segmentation, load_segmentation_model
 
 
@@ -83,60 +82,3 @@ class SegmentationRun:
         if self.show_3d_surfaces:
             node.CreateClosedSurfaceRepresentation()
         self.segmentation_node = node
-
-
-class TermsChart:
-    """Rows of ``terms`` appended from step (and validation) records of a job."""
-
-    COLORS = ((0.1, 0.1, 0.1), (0.85, 0.33, 0.1), (0.0, 0.45, 0.74), (0.47, 0.67, 0.19), (0.49, 0.18, 0.56))
-
-    def __init__(self, scene, name: str, terms: Sequence[str] = ("loss", "dice", "ce", "val_dice_mean")):
-        self.scene, self.terms = scene, tuple(terms)
-        self.table = scene.AddNewNodeByClass("vtkMRMLTableNode", name)
-        for column in ("step",) + self.terms:
-            array = vtk.vtkDoubleArray()
-            array.SetName(column)
-            self.table.AddColumn(array)
-        self.chart = scene.AddNewNodeByClass("vtkMRMLPlotChartNode", f"{name} chart")
-        self.chart.SetTitle(name)
-        self.chart.SetXAxisTitle("step")
-        self.chart.SetYAxisTitle("loss / Dice")
-        self.series: Dict[str, object] = {}
-        for term, color in zip(self.terms, self.COLORS):
-            series = scene.AddNewNodeByClass("vtkMRMLPlotSeriesNode", f"{name} {term}")
-            series.SetAndObserveTableNodeID(self.table.GetID())
-            series.SetXColumnName("step")
-            series.SetYColumnName(term)
-            series.SetPlotType(slicer.vtkMRMLPlotSeriesNode.PlotTypeScatter)
-            series.SetMarkerStyle(slicer.vtkMRMLPlotSeriesNode.MarkerStyleNone if not term.startswith("val_")
-                                  else slicer.vtkMRMLPlotSeriesNode.MarkerStyleCircle)
-            series.SetColor(*color)
-            self.chart.AddAndObservePlotSeriesNodeID(series.GetID())
-            self.series[term] = series
-
-    def alive(self) -> bool:
-        return self.table.GetScene() is self.scene and self.scene.IsNodePresent(self.table) != 0
-
-    def append(self, record: dict) -> Optional[int]:
-        """A step record fills the loss columns; a validation record the ``val_*`` ones (NaN elsewhere)."""
-        event = record.get("event")
-        if event not in ("step", "validation") or not self.alive():
-            return None
-        table = self.table.GetTable()
-        row = table.InsertNextBlankRow()
-        for col, key in enumerate(("step",) + self.terms):
-            if key == "step":
-                value = record.get("step")
-            elif key.startswith("val_"):
-                value = record.get(key[4:]) if event == "validation" else None
-            else:
-                value = record.get(key) if event == "step" else None
-            table.SetValue(row, col, vtk.vtkVariant(float("nan") if value is None else float(value)))
-        table.Modified()
-        self.table.Modified()
-        return row
-
-    def values(self, term: str) -> list:
-        table = self.table.GetTable()
-        col = (("step",) + self.terms).index(term)
-        return [table.GetValue(r, col).ToDouble() for r in range(table.GetNumberOfRows())]
