@@ -295,16 +295,12 @@ def run_cli(args) -> int:
         ignore_unknown_labels=args.ignore_unknown_labels, remap=args.remap, device=args.device,
         precision=args.precision, seed=args.seed, progress=args.progress, resume=args.resume, overwrite=args.overwrite,
         model_channels=list(args.model_channels) if getattr(args, "model_channels", None) else None)
-    summary = finetune(config, cancel=CancelToken(watch_file=getattr(args, "cancel_file", None)))
-    if int(os.environ.get("RANK", "0")) == 0 and args.progress != "json":
-        best = summary.get("best") or {}
-        if summary["status"] == "done":
-            print(f"fine-tuning done: {summary['step']} steps in {summary['seconds']} s on {summary['device']}; "
-                  f"best validation Dice {best.get('value', float('nan')):.4f} at step {best.get('step')}; "
-                  f"model {best.get('checkpoint', summary['checkpoint'])}")
-        else:
-            print(f"fine-tuning stopped by {summary.get('stopped_by', 'request')} at step {summary['step']}; "
-                  f"checkpoint saved to {summary['checkpoint']}; continue with --resume")
-    if summary["status"] == "cancelled":
-        return 130 if summary.get("stopped_by") == "SIGINT" else 143
-    return 0
+    from gvsl.trainer import run_from_cli
+
+    def done(sm: dict) -> str:
+        best = sm.get("best") or {}
+        return (f"fine-tuning done: {sm['step']} steps in {sm['seconds']} s on {sm['device']}; "
+                f"best validation Dice {best.get('value', float('nan')):.4f} at step {best.get('step')}; "
+                f"model {best.get('checkpoint', sm['checkpoint'])}")
+    return run_from_cli(lambda: finetune(config, cancel=CancelToken(watch_file=getattr(args, "cancel_file", None))),
+                        args.progress, "fine-tuning", done)

@@ -19,7 +19,6 @@ then the other ranks read the cache.
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, ClassVar, Dict, List, Optional
@@ -30,7 +29,7 @@ import torch
 from gvsl import augment, checkpoint, losses
 from gvsl.network import GVSL, ModelConfig
 from gvsl.progress import CancelToken
-from gvsl.trainer import Trainer, TrainingError, TrainingTask, check_common_settings, run_task
+from gvsl.trainer import Trainer, TrainingError, TrainingTask, check_common_settings, run_from_cli, run_task
 
 __all__ = ["PretrainConfig", "PretrainTask", "Pretrainer", "TrainingError", "algorithm1_losses",
            "crop_or_pad", "pretrain", "run_cli", "sample_pairs"]
@@ -247,21 +246,9 @@ def run_cli(args) -> int:
         precision=args.precision, seed=args.seed, save_every=args.save_every, progress=args.progress,
         resume=args.resume, init=args.init, augment=not args.no_augment, cache_dir=args.cache_dir,
         overwrite=args.overwrite, model_channels=getattr(args, "model_channels", None))
-    rank = int(os.environ.get("RANK", "0"))
-    try:
-        summary = pretrain(config, cancel=CancelToken(watch_file=getattr(args, "cancel_file", None)))
-    except TrainingError as exc:
-        if rank != 0 and exc.collective:
-            return 2  # every rank raised it together: rank 0 prints the one message
-        raise
-    if rank == 0 and args.progress != "json":
-        if summary["status"] == "done":
-            print(f"pre-training done: {summary['step']} steps in {summary['seconds']} s on {summary['device']}; "
-                  f"loss {summary.get('loss_first', float('nan')):.4f} -> {summary.get('loss_last', float('nan')):.4f}; "
-                  f"checkpoint {summary['checkpoint']}")
-        else:
-            print(f"pre-training stopped by {summary.get('stopped_by', 'request')} at step {summary['step']}; "
-                  f"checkpoint saved to {summary['checkpoint']}; continue with --resume")
-    if summary["status"] == "cancelled":
-        return 130 if summary.get("stopped_by") == "SIGINT" else 143
-    return 0
+    return run_from_cli(
+        lambda: pretrain(config, cancel=CancelToken(watch_file=getattr(args, "cancel_file", None))),
+        args.progress, "pre-training",
+        lambda sm: (f"pre-training done: {sm['step']} steps in {sm['seconds']} s on {sm['device']}; "
+                    f"loss {sm.get('loss_first', float('nan')):.4f} -> {sm.get('loss_last', float('nan')):.4f}; "
+                    f"checkpoint {sm['checkpoint']}"))

@@ -435,3 +435,27 @@ def run_task(task: TrainingTask, config, callback: Optional[Callable[[dict], Non
             signal.signal(sig, old)
         if trainer is not None:
             trainer.close()
+
+
+def run_from_cli(start, progress: str, what: str, done_line) -> int:
+    """The end of every training command (``gvsl pretrain``, ``gvsl finetune``): run ``start()``
+    -> summary; a collective error is printed once (rank 0: the other ranks exit quietly); rank 0
+    prints ``done_line(summary)`` or where the stopped run can resume; exit 0, or 130/143 for a
+    run stopped by SIGINT/SIGTERM (or a cancel request)."""
+    import os
+    rank = int(os.environ.get("RANK", "0"))
+    try:
+        summary = start()
+    except TrainingError as exc:
+        if rank != 0 and exc.collective:
+            return exc.exit_code  # every rank raised it together: rank 0 prints the one message
+        raise
+    if rank == 0 and progress != "json":
+        if summary["status"] == "done":
+            print(done_line(summary))
+        else:
+            print(f"{what} stopped by {summary.get('stopped_by', 'request')} at step {summary['step']}; "
+                  f"checkpoint saved to {summary['checkpoint']}; continue with --resume")
+    if summary["status"] == "cancelled":
+        return 130 if summary.get("stopped_by") == "SIGINT" else 143
+    return 0
