@@ -53,6 +53,7 @@ class GVSLRegistrationParameterNode:
     jacobianVolume: slicer.vtkMRMLScalarVolumeNode
     propagatedSegmentation: slicer.vtkMRMLSegmentationNode
     opacity: Annotated[float, WithinRange(0.0, 1.0)] = 0.5
+    refineSteps: Annotated[int, WithinRange(0, 5000)] = 150  # saved with the scene, like the nodes
 
 
 class GVSLRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
@@ -197,7 +198,7 @@ class GVSLRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                                           self.ui.deviceComboBox.currentData or "auto",
                                           moving_segmentation=p.movingSegmentation,
                                           fixed_segmentation=p.fixedSegmentation, outputs=outputs,
-                                          on_event=self.onProgress, refine=int(self.ui.refineStepsSpinBox.value))
+                                          on_event=self.onProgress, refine=int(p.refineSteps))
             self.poller = JobPoller(self.job, self.onFinished, interval_ms=100).start()
             self.ui.cancelButton.enabled = True
             self.ui.statusLabel.text = "Starting the registration..."
