@@ -7,6 +7,12 @@ correction ``delta`` of the flow, ``u' = u + delta``, for ``steps`` Adam steps o
 
     loss = (1 - mean local squared NCC(moving o phi', fixed))  [inside the optional fixed mask]
            + smooth_weight * mean |grad u'|^2                  (u' in voxels, per voxel)
+           + fold_weight * mean relu(0.05 - det(I + grad u'))  (only where it folds or nearly)
+
+The folding term (default weight 10) leaves smooth regions alone and pushes back only where the
+map folds: measured on the demo's inter-subject 64^3 heart-phantom pair (150 CPU steps, untrained
+network) folding 2.3 % -> 0.03 % of voxels with Dice 0.785 -> 0.788; a 3x smoothness weight
+instead reached 0.18 % folding at Dice 0.762.
 
 Why this parametrisation
 ------------------------
@@ -68,7 +74,8 @@ DEFAULT_STEPS_GPU = 400  # GPUs also run a full-resolution level (see default_se
 class RefineSettings:
     """How to refine. ``levels``: ((factor, share of the steps), ...) coarse to fine; ``windows``:
     local-NCC window per level (level voxels, odd); ``lr``: Adam step in full-grid voxels (x factor/2
-    per level, cosine-decayed to ``final_lr_fraction``); ``cpu_threads``: torch threads while
+    per level, cosine-decayed to ``final_lr_fraction``); ``smooth_weight`` / ``fold_weight``: the
+    loss weights of the module docstring; ``cpu_threads``: torch threads while
     optimising on a CPU (None = leave torch's setting): the tensors are small (a 96^3 grid's
     half level is 49^3), and intra-op threads cost more than they give when the cores are shared
     (measured on a loaded 2-core machine, 100 steps at 64^3: 4.0 s with 1 thread, 79 s with 2)."""
@@ -82,6 +89,7 @@ class RefineSettings:
     seed: int = 0
     cpu_threads: Optional[int] = 1
     final_lr_fraction: float = 0.05
+    fold_weight: float = 10.0
 
     def split(self, steps: int) -> list:
         """Steps per level, summing to ``steps`` (the last level takes the rounding)."""
@@ -195,6 +203,22 @@ def _smoothness(u: torch.Tensor, spacing: Sequence[float]) -> torch.Tensor:
     dy = (u[:, :, :, 1:] - u[:, :, :, :-1]) / spacing[1]
     dx = (u[:, :, :, :, 1:] - u[:, :, :, :, :-1]) / spacing[2]
     return (dz.pow(2).mean() + dy.pow(2).mean() + dx.pow(2).mean()) / 3.0
+
+
+def _folding(u: torch.Tensor, spacing: Sequence[float], eps: float = 0.05) -> torch.Tensor:
+    """mean of relu(eps - det(I + grad u)) over the level grid: a penalty only where the map
+    ``p -> p + u(p)`` (full-grid voxels) folds or nearly folds (forward differences per full-grid
+    voxel, as :func:`_smoothness`). ``A`` is fixed with det(A) > 0, so this is the folding of
+    ``A(p + u(p))``."""
+    d = [(u[:, :, 1:, :-1, :-1] - u[:, :, :-1, :-1, :-1]) / spacing[0],
+         (u[:, :, :-1, 1:, :-1] - u[:, :, :-1, :-1, :-1]) / spacing[1],
+         (u[:, :, :-1, :-1, 1:] - u[:, :, :-1, :-1, :-1]) / spacing[2]]
+    # j[r][c] = d u_r / d axis_c + delta_rc, axes/components in (z, y, x) order
+    j = [[d[c][:, r] + (1.0 if r == c else 0.0) for c in range(3)] for r in range(3)]
+    det = (j[0][0] * (j[1][1] * j[2][2] - j[1][2] * j[2][1])
+           - j[0][1] * (j[1][0] * j[2][2] - j[1][2] * j[2][0])
+           + j[0][2] * (j[1][0] * j[2][1] - j[1][1] * j[2][0]))
+    return F.relu(eps - det).mean()
 
 
 def _normalised(pos_zyx: torch.Tensor, norm: torch.Tensor) -> torch.Tensor:
@@ -323,6 +347,8 @@ def _optimise(fixed_t, moving_t, mask_t, flow_t, mat, steps, settings, dev, prog
             cc = local_ncc_map(warped, fixed_s, window)
             sim = cc.mean() if mask_s is None else (cc * mask_s).sum() / mask_s.sum().clamp(min=1.0)
             loss = (1.0 - sim) + settings.smooth_weight * _smoothness(u, spacing)
+            if settings.fold_weight:
+                loss = loss + settings.fold_weight * _folding(u, spacing)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

@@ -362,9 +362,10 @@ def register(fixed: sitk.Image, moving: sitk.Image, model, device="auto", *,
         metrics["dice_after"] = dice_per_label(fl_arr, sitk.GetArrayViewFromImage(warped_labels))
     if network is not None:
         metrics.update(network_metrics(network, fixed, moving, fixed_labels, metrics))
+        used = refine_settings or refine_mod.default_settings(inference.device)
         metrics["refine"] = {"steps": steps, "seconds": round(refined.seconds, 3),
-                             "levels": [list(v) for v in (refine_settings or refine_mod.default_settings(
-                                 inference.device)).levels],
+                             "levels": [list(v) for v in used.levels],
+                             "smooth_weight": used.smooth_weight, "fold_weight": used.fold_weight,
                              "local_ncc_first": refined.ncc[0], "local_ncc_last": refined.ncc[-1]}
     timings["metrics"] = time.perf_counter() - t0
     timings["total"] = time.perf_counter() - t_start
