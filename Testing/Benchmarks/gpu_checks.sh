@@ -55,9 +55,33 @@ a, b = (sitk.GetArrayFromImage(sitk.ReadImage(p)) for p in sys.argv[1:3])
 print(f"bf16 vs fp32 total displacement: max {np.abs(a - b).max():.4f} mm, mean {np.abs(a - b).mean():.5f} mm")
 PY
 
+log "3b. refinement on the GPU (default steps for the device), network-only vs refined"
+py -m gvsl register --fixed "${imgs[0]}" --moving "${imgs[1]}" --model "$W/run/gvsl_final.pt" \
+   --fixed-labels "$W/data/labels/$(basename "${imgs[0]}")" --moving-labels "$W/data/labels/$(basename "${imgs[1]}")" \
+   --out "$OUT/register_refined" --device "$DEV" --refine auto --no-overview --progress none
+py - "$OUT/register_refined/metrics.json" <<'PY' | tee -a "$OUT/summary.txt"
+import json, sys
+m = json.load(open(sys.argv[1]))
+r = m.get("refine") or {}
+print(f"refine {r.get('steps')} steps in {r.get('seconds')} s on {m['device']}: Dice {m['dice_network']['mean']:.3f} -> "
+      f"{m['dice_after']['mean']:.3f}, NCC {m['ncc_network']:.3f} -> {m['ncc_after']:.3f}, folding {m['folding_percent']:.3f} %")
+PY
+
+log "3c. segmentation on the GPU: fine-tune (autocast) -> resume -> segment -> evaluate"
+py -m gvsl finetune --task heart --images "$W/data/images" --labels "$W/data/labels" --out "$W/seg" \
+   --steps 10 --crop "$S" --val-every 5 --save-every 5 --device "$DEV" --progress json > "$OUT/finetune.jsonl"
+py -m gvsl finetune --task heart --images "$W/data/images" --labels "$W/data/labels" --out "$W/seg" \
+   --steps 20 --crop "$S" --val-every 5 --save-every 5 --device "$DEV" --resume --progress json > "$OUT/finetune_resume.jsonl"
+grep -q '"event": "done"' "$OUT/finetune_resume.jsonl"
+py -m gvsl segment --model "$W/seg/seg_best.pt" --image "${imgs[0]}" --out "$OUT/segment/labels.nii.gz" \
+   --device "$DEV" --progress none | tee "$OUT/segment.json"
+py -m gvsl evaluate --pred "$OUT/segment/labels.nii.gz" --truth "$W/data/labels/$(basename "${imgs[0]}")" \
+   --task heart --json "$OUT/segment/evaluate.json" | tee -a "$OUT/summary.txt"
+
 if [ -n "${GVSL_SKIP_BENCH:-}" ]; then log "benchmarks skipped"; exit 0; fi
 log "4. benchmarks"
 py Testing/Benchmarks/bench_engine.py --device "$DEV" --size 128 --repeats 5 | tee "$OUT/bench_engine.txt"
 py Testing/Benchmarks/bench_pretrain.py --device "$DEV" --sizes 64 96 128 --batch-size 2 --repeats 5 | tee "$OUT/bench_pretrain.txt"
 py Testing/Benchmarks/bench_register.py --device "$DEV" --skip-sitk | tee "$OUT/bench_register.txt"
+py Testing/Benchmarks/bench_segment.py --device "$DEV" | tee "$OUT/bench_segment.txt"
 log "all GPU checks passed"
