@@ -288,3 +288,33 @@ def test_help_names_the_layouts_and_the_paper_splits(capsys):
     for expected in ("ct_train_1001_image.nii.gz", "Normal/CTCA/Normal_1.nrrd", "_procimg.nii.gz", "images/<name>",
                      "15/5/rest", "15/5/20", "40/20/43", "--pretrained", "--modes", "report.md", "dice_bars.png"):
         assert expected in text, expected
+
+
+def test_sigint_stops_cleanly_and_exits_130(phantoms, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+    data = make_plain(tmp_path / "data", phantoms["heart"], n=3)
+    out = tmp_path / "out"
+    env = dict(os.environ, OMP_NUM_THREADS="1",
+               PYTHONPATH=str(Path(__file__).resolve().parents[1] / "GVSLExtension"))
+    cmd = [sys.executable, "-m", "gvsl", "protocol", "--task", "heart", "--data", str(data), "--out", str(out),
+           "--split", "1/1/1", "--modes", "finetune", "--steps", "100000", "--val-every", "100000", "--crop", "16",
+           "--batch-size", "1", "--model-channels", *map(str, CHANNELS), "--device", "cpu", "--progress", "json"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        for line in proc.stdout:
+            if '"event": "step"' in line:
+                proc.send_signal(signal.SIGINT)
+                break
+        rest, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, err
+    assert '"event": "cancelled"' in rest and '"stopped_by": "SIGINT"' in rest
+    assert (out / "runs" / "scratch-finetune" / "seg_last.pt").exists()
+    assert json.loads((out / "results.json").read_text())["status"] == "incomplete"
+    assert not (out / ".gvsl.lock").exists()
