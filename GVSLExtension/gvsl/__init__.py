@@ -11,6 +11,8 @@ Public API::
     gvsl.select_device("auto")            (gvsl.device)
     gvsl.finetune(...), gvsl.segment(image, model), gvsl.evaluate(pred, truth, task)
                                           segmentation (gvsl.segtrain, gvsl.seginfer, gvsl.segeval)
+    gvsl.run_protocol(task=..., data=..., out=..., pretrained=[...])
+                                          the paper's transfer protocol (gvsl.protocol)
 """
 from __future__ import annotations
 
@@ -31,6 +33,7 @@ _LAZY = {
     "finetune": "gvsl.segtrain",
     "segment": "gvsl.seginfer",
     "evaluate": "gvsl.segeval",
+    "run_protocol": "gvsl.protocol",
 }
 
 

@@ -396,6 +396,62 @@ def _add_evaluate(sub) -> None:
     _progress_arg(p, default="none")
 
 
+@command("protocol", "gvsl.protocol:run_cli")
+def _add_protocol(sub) -> None:
+    p = sub.add_parser(
+        "protocol", help="the paper's transfer protocol: fine-tune and linear evaluation from each pre-trained "
+                         "checkpoint and from scratch, on a public dataset's layout -> report.md, dice_bars.png",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="""Runs the GVSL paper's transfer evaluation (Table 1) on your copy of a dataset:
+  1. reads --data in a known layout (--layout auto detects it):
+       mmwhs  MM-WHS CT: ct_train_1001_image.nii.gz + ct_train_1001_label.nii.gz (also ct_test_*)
+       asoca  ASOCA: Normal/CTCA/Normal_1.nrrd + Normal/Annotations/Normal_1.nrrd (and Diseased/...)
+       candi  CANDI: <group>/<subject>/<subject>_procimg.nii.gz + <subject>_seg.nii.gz
+              (FreeSurfer labels outside the 28 of the brain table become background)
+       plain  DIR/images/<name> + DIR/labels/<name>, matched by file name
+  2. splits the cases with the paper's train/val/test numbers (heart 15/5/rest, coronary 15/5/20,
+     brain 40/20/43; --split overrides), seeded, written to OUT/splits.json;
+  3. for each --pretrained checkpoint and for scratch, in each mode (finetune: all weights; linear:
+     frozen backbone), fine-tunes on train with the same budget, keeps the best validation Dice,
+     segments every test case and measures Dice and HD95 per structure (OUT/runs/<init>-<mode>/);
+  4. writes OUT/results.json, OUT/report.md (a Table-1-like table next to the paper's numbers)
+     and OUT/dice_bars.png.
+Running the same command again resumes: finished runs are skipped, an interrupted one continues.
+Example: gvsl protocol --task heart --data MM-WHS/ --out protocol-heart --pretrained gvsl_final.pt""")
+    p.add_argument("--task", required=True, choices=("heart", "coronary", "brain"),
+                   help="heart (MM-WHS 7 structures), coronary (ASOCA, binary) or brain (CANDI, 28 structures)")
+    p.add_argument("--data", required=True, metavar="DIR", help="the dataset's root folder")
+    p.add_argument("--out", required=True, metavar="DIR", help="output folder (outside --data)")
+    p.add_argument("--pretrained", nargs="+", metavar="CKPT", default=[],
+                   help="pre-training checkpoints (gvsl pretrain) or the published GVSL weights to compare; each "
+                        "is named by its file stem. Scratch always runs too")
+    p.add_argument("--layout", choices=("auto", "mmwhs", "asoca", "candi", "plain"), default="auto",
+                   help="layout of --data (default auto: detected)")
+    p.add_argument("--split", metavar="TRAIN/VAL/TEST",
+                   help="case counts, the last may be 'rest' (default: the paper's, e.g. 15/5/rest for heart)")
+    p.add_argument("--seed", type=nonnegative_int, default=0, help="seed of the split and of every run (default 0)")
+    p.add_argument("--steps", type=positive_int, default=2000, help="fine-tuning steps of every run (default 2000)")
+    p.add_argument("--crop", type=positive_int, default=96, help="patch side in voxels, also the inference window (default 96)")
+    p.add_argument("--batch-size", type=positive_int, default=2, help="patches per step (default 2)")
+    p.add_argument("--lr", type=positive_float, default=1e-4, help="Adam learning rate (default 1e-4)")
+    p.add_argument("--val-every", type=positive_int, default=None,
+                   help="validate every N steps, the best is kept (default: steps / 10)")
+    p.add_argument("--modes", default="finetune,linear", metavar="finetune,linear",
+                   help="comma-separated modes to run (default finetune,linear)")
+    p.add_argument("--model-channels", type=int, nargs=9, metavar="C",
+                   help="advanced: the U-Net's 9 widths (default: the pre-trained backbone's, else the published "
+                        "32 64 128 256 512 256 128 64 32); scratch trains the same width")
+    _device_arg(p)
+    p.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
+                   help="autocast precision (auto: bf16/fp16 on CUDA, fp32 on CPU)")
+    p.add_argument("--ignore-unknown-labels", action="store_true",
+                   help="label values outside the task's table become background (always on for --layout candi)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="redo every run (default: finished runs are skipped and an interrupted one resumes)")
+    _cancel_arg(p)
+    _progress_arg(p)
+
+
 @command("demo", "gvsl.demo:run_cli")
 def _add_demo(sub) -> None:
     from gvsl.demo import DEFAULTS
