@@ -184,3 +184,171 @@ def test_cli_segment_and_evaluate(heart_model, tmp_path, capsys):
     rc = main(["evaluate", "--pred", str(tmp_path / "pred.nii.gz"), "--truth", str(tmp_path / "ct.nii.gz"),
                "--task", "heart"])
     assert rc == 2 and "--ignore-unknown-labels" in capsys.readouterr().err
+
+
+# -- streaming sliding window (gvsl.slidingwindow) and streamed resampling (LabelResampler) ----------
+
+def _reference_labels_grid_sample(probs, grid, image, values):
+    """The former whole-grid path: every input voxel -> normalised grid coordinate -> one
+    grid_sample over the whole (C, z, y, x) grid (border, align_corners=True) -> argmax."""
+    import torch.nn.functional as F
+    from gvsl.seginfer import _index_to_grid_voxel
+    nx, ny, nz = image.GetSize()
+    a, b = _index_to_grid_voxel(image, grid)
+    scale = 2.0 / np.maximum(np.array(grid.size, dtype=np.float64) - 1.0, 1.0)
+    kk, jj, ii = np.meshgrid(np.arange(nz), np.arange(ny), np.arange(nx), indexing="ij")
+    p = np.stack([a[ax, 0] * ii + a[ax, 1] * jj + a[ax, 2] * kk + b[ax] for ax in range(3)], axis=-1)
+    norm = torch.from_numpy((p * scale - 1.0).astype(np.float32))[None]
+    sampled = F.grid_sample(torch.from_numpy(probs)[None], norm, mode="bilinear", padding_mode="border",
+                            align_corners=True)
+    return np.asarray(values)[sampled[0].argmax(dim=0).numpy()]
+
+
+def _rotated_image(size, spacing, origin, angles):
+    (ca, sa), (cb, sb), (cc, sc) = [(np.cos(t), np.sin(t)) for t in angles]
+    rot = (np.array([[cc, -sc, 0], [sc, cc, 0], [0, 0, 1]]) @ np.array([[cb, 0, sb], [0, 1, 0], [-sb, 0, cb]])
+           @ np.array([[1, 0, 0], [0, ca, -sa], [0, sa, ca]]))
+    image = sitk.Image(list(size), sitk.sitkInt16)
+    image.SetSpacing(spacing)
+    image.SetOrigin(origin)
+    image.SetDirection(tuple(rot.ravel()))
+    return image
+
+
+def test_label_resampler_streams_oblique_input_bit_identical_to_whole_grid():
+    from gvsl.seginfer import LabelResampler, _index_to_grid_voxel
+    rng = np.random.default_rng(5)
+    grid = NetworkGrid(size=(12, 10, 9), spacing_mm=1.5, origin_lps=(-8.0, -6.0, -6.0),
+                       direction=tuple(np.eye(3).ravel()))
+    probs = rng.random((5, 9, 10, 12)).astype(np.float32)
+    probs /= probs.sum(axis=0, keepdims=True)
+    image = _rotated_image((14, 11, 9), (0.8, 0.9, 1.0), (-3.0, -6.0, -3.0), (0.7, -0.5, 0.3))
+    a, _ = _index_to_grid_voxel(image, grid)
+    assert abs(a[2, 0]) * 13 + abs(a[2, 1]) * 10 > 3  # one input slice spans > 3 grid planes
+    values = np.array([0, 3, 10, 300, 1000])
+    ref = _reference_labels_grid_sample(probs, grid, image, values)
+    for slab_mb in (1e-4, 0.002, 64.0):  # 1-plane slabs, a few planes, the whole grid at once
+        fast = sitk.GetArrayFromImage(labels_on_image(probs, grid, image, values, slab_mb=slab_mb))
+        assert fast.dtype == np.uint16
+        np.testing.assert_array_equal(fast, ref)
+    # a restarted pass (what Inference.run does after a CUDA out-of-memory error) starts clean
+    res = LabelResampler(grid, image, values, slab_mb=1e-4)
+    for z0 in range(0, 4):
+        res(z0, torch.from_numpy(probs[:, z0:z0 + 1].copy()))
+    res.start(None, None)
+    with pytest.raises(ValueError, match="does not continue plane 0"):
+        res(3, torch.from_numpy(probs[:, 3:4].copy()))
+    for z0 in range(0, 9, 2):
+        res(z0, torch.from_numpy(probs[:, z0:z0 + 2].copy()))
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(res.finish()), ref)
+    # and it is linear resampling of each class + argmax (independent implementation: SimpleITK)
+    stack = np.stack([sitk.GetArrayFromImage(probability_image(probs, i, grid, image)) for i in range(5)])
+    inside = stack.sum(axis=0) > 0
+    assert inside.mean() > 0.5
+    assert (ref[inside] == values[stack.argmax(axis=0)][inside]).mean() > 0.999
+
+
+def _tiny_net(seed, n_classes):
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Conv3d(1, 4, 3, padding=1), torch.nn.Tanh(),
+                               torch.nn.Conv3d(4, n_classes, 3, padding=1)).eval()
+
+
+@pytest.mark.parametrize("shape_zyx, roi, overlap, batch, planes", [
+    ((30, 26, 20), (12, 12, 12), 0.25, 1, 0),     # several rows, whole rows per slab
+    ((9, 30, 6), (12, 10, 8), 0.5, 3, 2),         # z and x shorter than the window (padded), batches of 3
+    ((40, 7, 21), (16, 8, 8), 0.25, 2, 1),        # y shorter than the window, 1-plane slabs
+    ((16, 16, 16), (16, 16, 16), 0.25, 1, 5),     # one window
+])
+def test_stream_sliding_window_equals_monai_then_softmax(shape_zyx, roi, overlap, batch, planes):
+    from monai.inferers import sliding_window_inference
+    from gvsl.slidingwindow import GridCollector, stream_sliding_window
+    net = _tiny_net(sum(shape_zyx), 5)
+    x = torch.rand((1, 1) + shape_zyx, generator=torch.Generator().manual_seed(1)) * 4 - 2
+    with torch.no_grad():
+        ref = torch.softmax(sliding_window_inference(x, roi, batch, net, overlap=overlap, mode="gaussian")[0], 0)
+        seen = []
+
+        class Consumer(GridCollector):
+            def __call__(self, z0, slab):
+                assert slab.dtype == torch.float32 and slab.shape[2:] == shape_zyx[1:]
+                assert planes == 0 or slab.shape[1] <= planes
+                seen.append((z0, slab.shape[1]))
+                super().__call__(z0, slab)
+
+        consumer = Consumer()
+        n = stream_sliding_window(net, x, roi, consumer, overlap=overlap, sw_batch_size=batch, slab_planes=planes)
+    assert n >= 1
+    assert [z for z, _ in seen] == list(np.cumsum([0] + [d for _, d in seen])[:-1])  # in order, each plane once
+    assert sum(d for _, d in seen) == shape_zyx[0]
+    assert float((consumer.probs - ref).abs().max()) < 1e-6
+
+
+def test_segment_streams_equal_to_monai_whole_grid_path_with_progress_and_cancel(heart_model):
+    from monai.inferers import sliding_window_inference
+    from gvsl.checkpoint import load_model
+    from gvsl.preprocessing import preprocess, spec_from_checkpoint
+    from gvsl.progress import CancelToken, Cancelled, Progress
+    ct, _, _ = make_heart_phantom(32, 1)
+    image = sitk.Resample(ct, _rotated_image((30, 28, 26), (1.2, 1.1, 1.3), ct.TransformContinuousIndexToPhysicalPoint(
+        (1.0, 0.0, 2.0)), (0.2, 0.15, -0.1)), sitk.Transform(), sitk.sitkLinear, -1000.0, sitk.sitkInt16)
+    model = load_model(heart_model, "cpu", kind="segmentation")
+    records = []
+    res = segment(image, model, "cpu", window=16, keep_probabilities=True, slab_mb=0.05,
+                  progress=Progress(3, mode="none", callback=records.append))
+    prepared = preprocess(image, spec_from_checkpoint(model.info)[0])
+    with torch.no_grad():
+        logits = sliding_window_inference(torch.from_numpy(prepared.array_zyx)[None, None], (16,) * 3, 1, model,
+                                          overlap=0.25, mode="gaussian")
+    ref_probs = torch.softmax(logits[0], 0).numpy()
+    assert float(np.abs(res.probabilities_grid - ref_probs).max()) < 1e-5
+    values = np.array([0] + res.table.values)
+    ref = _reference_labels_grid_sample(ref_probs, prepared.grid, image, values)
+    got = sitk.GetArrayFromImage(res.labels)
+    assert len(np.unique(got)) >= 3
+    assert (got == ref).mean() > 0.9999  # equal up to ties within float rounding
+    rows = [r for r in records if r["event"] == "window_row"]
+    assert len(rows) >= 2 and rows[-1]["row"] == rows[-1]["rows"] == len(rows)
+    assert segment(image, model, "cpu", window=16).probabilities_grid is None
+    token = CancelToken()
+
+    def cancel_after_first_row(record):
+        if record["event"] == "window_row":
+            token.cancel("test")
+
+    with pytest.raises(Cancelled):
+        segment(image, model, "cpu", window=16, progress=Progress(3, mode="none", callback=cancel_after_first_row),
+                cancel=token)
+
+
+def test_out_of_memory_midway_reruns_the_stream_from_scratch_through_inference_run():
+    """Inference.run's CUDA out-of-memory fallback reruns the whole pass: the resampler, which
+    already got slabs, must restart clean (LabelResampler.start) and give the same labels."""
+    from gvsl.inference import Inference
+    from gvsl.seginfer import LabelResampler
+    from gvsl.slidingwindow import stream_sliding_window
+    net = _tiny_net(2, 4)
+    calls = {"n": 0}
+
+    def flaky(x):
+        calls["n"] += 1
+        if calls["n"] == 5:  # the second row of the first pass: slabs were already handed on
+            raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB (simulated)")
+        return net(x)
+
+    grid = NetworkGrid(size=(20, 18, 30), spacing_mm=1.0, origin_lps=(0.0, 0.0, 0.0), direction=tuple(np.eye(3).ravel()))
+    image = _rotated_image((16, 15, 25), (1.0, 1.1, 1.05), (1.0, 1.0, 1.0), (0.3, 0.2, 0.1))
+    vol = np.random.default_rng(3).random(grid.shape_zyx).astype(np.float32)
+    values = np.arange(4)
+    got = []
+    for model in (flaky, net):
+        res = LabelResampler(grid, image, values, slab_mb=0.01)
+        inf = Inference(net, device="cpu")
+        if model is flaky:
+            inf.device = torch.device("mps")  # pretend (no GPU here): the fallback only runs off the CPU
+        inf.run(lambda m, x: stream_sliding_window(model, x, (12, 12, 12), res, slab_planes=3), vol)
+        got.append(sitk.GetArrayFromImage(res.finish()))
+        if model is flaky:
+            assert inf.device.type == "cpu" and "ran out of memory" in inf.warnings[0]
+    assert calls["n"] > 5
+    np.testing.assert_array_equal(got[0], got[1])

@@ -38,6 +38,26 @@ def _to_cpu(value):
     return value
 
 
+def return_large_blocks_to_os(threshold_bytes: int = 1 << 20) -> bool:
+    """Process-wide (glibc only): serve every allocation over ``threshold_bytes`` with its own
+    mmap, so a freed tensor goes back to the OS at once (``mallopt(M_MMAP_THRESHOLD)``; it also
+    stops glibc's dynamic threshold, which otherwise moves blocks up to 32 MB into a heap that
+    never shrinks). Measured on ``gvsl segment``, 256 x 256 x 120 grid, window 96: peak RSS
+    757 -> 477 MB above baseline, same speed. Called by the ``gvsl segment`` command (its own
+    process); a library caller (e.g. Slicer's own process) decides for itself. -> applied?"""
+    try:
+        import ctypes
+        import ctypes.util
+        name = ctypes.util.find_library("c")
+        mallopt = getattr(ctypes.CDLL(name), "mallopt", None) if name else None
+    except OSError:
+        return False
+    if mallopt is None:
+        return False
+    m_mmap_threshold = -3  # glibc <malloc.h>
+    return bool(mallopt(ctypes.c_int(m_mmap_threshold), ctypes.c_int(int(threshold_bytes))))
+
+
 class Inference:
     """Run ``model`` on prepared volumes (see the module docstring).
 

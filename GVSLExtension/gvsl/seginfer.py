@@ -4,15 +4,19 @@ How (frames: LPS mm; arrays (z, y, x)):
 
 1. **Preprocessing** from the checkpoint's spec (``PreprocessSpec``: intensity preset, isotropic
    spacing, canonical orientation) puts the image on the network grid ``G``.
-2. **Network**: Gaussian-blended sliding windows (``monai.inferers.sliding_window_inference``,
-   ``mode="gaussian"``, window = the training crop) through ``Inference.run`` (device, precision,
-   CUDA out-of-memory -> CPU) -> softmax class probabilities (C, z, y, x) on ``G``.
-3. **Back to the input's geometry before the argmax**: every input voxel centre (index -> LPS ->
-   continuous voxel of ``G``) samples the C probability maps trilinearly (``grid_sample``,
-   align_corners=True, i.e. voxel centres), slab by slab of input slices with a running argmax,
-   so memory stays ~``slab_mb`` MB plus the grid probabilities whatever the input size: a
-   full-resolution float32 map of every class is never held. This equals resampling each class
-   map with SimpleITK (linear) onto the input and taking the argmax (tested).
+2. **Network, streamed**: Gaussian-blended sliding windows (:mod:`gvsl.slidingwindow`: the same
+   windows, weights and scores as ``monai.inferers.sliding_window_inference(mode="gaussian")``,
+   window = the training crop) through ``Inference.run`` (device, precision, CUDA out-of-memory ->
+   CPU); each finished z-slab of softmax probabilities (C, dz, y, x) goes straight to step 3.
+3. **Back to the input's geometry before the argmax** (:class:`LabelResampler`): every input voxel
+   centre (index -> LPS -> continuous voxel of ``G``) samples the C probabilities trilinearly
+   (``grid_sample``'s arithmetic, align_corners=True, border padding) once the grid planes it needs
+   have arrived, and takes the argmax then. This equals resampling each class map with SimpleITK
+   (linear) onto the input and taking the argmax (tested), and the former whole-grid path exactly.
+   Memory besides the input and its float32 copy on ``G``: the window's rolling buffer
+   ``(C + 1) * window * Y * X * 4`` bytes, one slab (~``slab_mb`` MB) and the labels; a
+   full-resolution float32 map of every class is never held, unless ``keep_probabilities`` asks
+   for the whole grid ``C * Z * Y * X * 4`` bytes (``--probabilities``).
 4. **Output**: class index -> source label value (e.g. 205...850 for heart), uint8 if every value
    fits, else uint16, on the input's exact grid. Optional per-class probability images
    (float32, one class in memory at a time) and a Slicer ``.seg.nrrd`` (:mod:`gvsl.segnrrd`).
@@ -28,13 +32,12 @@ from typing import List, Optional
 import numpy as np
 import SimpleITK as sitk
 import torch
-import torch.nn.functional as F
 
 from gvsl.errors import GVSLError
 
 DEFAULT_WINDOW = 96
 DEFAULT_OVERLAP = 0.25
-DEFAULT_SLAB_MB = 64.0
+DEFAULT_SLAB_MB = 16.0
 
 
 class SegmentationError(GVSLError, ValueError):
@@ -77,27 +80,18 @@ def window_of(model, window: Optional[int] = None) -> int:
 def network_probabilities(model, array_zyx: np.ndarray, device="auto", precision: str = "auto",
                           window: int = DEFAULT_WINDOW, overlap: float = DEFAULT_OVERLAP,
                           sw_batch_size: int = 1):
-    """Softmax probabilities (C, z, y, x) float32 (CPU) of a prepared volume; -> (probs, Inference)."""
-    from monai.inferers import sliding_window_inference
+    """Softmax probabilities (C, z, y, x) float32 (CPU) of a prepared volume; -> (probs, Inference).
 
+    The whole grid of every class (``C * z * y * x * 4`` bytes): for callers that want it;
+    :func:`segment` streams instead (:mod:`gvsl.slidingwindow`).
+    """
     from gvsl.inference import Inference
+    from gvsl.slidingwindow import GridCollector, stream_sliding_window
     inference = Inference(model, device=device, precision=precision)
-    roi = tuple(int(window) for _ in range(3))
-
-    def fn(m, x):
-        logits = sliding_window_inference(x, roi, sw_batch_size, m, overlap=overlap, mode="gaussian")
-        return softmax_inplace(logits[0].float().cpu())
-
-    probs = inference.run(fn, array_zyx, what="segmentation")
-    return probs.numpy(), inference
-
-
-def softmax_inplace(scores: torch.Tensor) -> torch.Tensor:
-    """Softmax over dim 0 of (C, z, y, x) scores without a second full-size copy."""
-    scores -= scores.max(dim=0, keepdim=True).values
-    scores.exp_()
-    scores /= scores.sum(dim=0, keepdim=True)
-    return scores
+    collector = GridCollector()
+    inference.run(lambda m, x: stream_sliding_window(m, x, (int(window),) * 3, collector, overlap, sw_batch_size),
+                  array_zyx, what="segmentation")
+    return collector.probs.numpy(), inference
 
 
 def _index_to_grid_voxel(image: sitk.Image, grid) -> tuple:
@@ -109,35 +103,150 @@ def _index_to_grid_voxel(image: sitk.Image, grid) -> tuple:
     return a, b
 
 
+class LabelResampler:
+    """Slab consumer of :func:`gvsl.slidingwindow.stream_sliding_window`: grid probabilities ->
+    argmax label map on ``image``'s grid (source values), each input voxel decided exactly once.
+
+    Every input voxel centre (index -> LPS -> continuous voxel (x, y, z) of ``grid``) samples the
+    C class probabilities trilinearly with border padding and align_corners=True (voxel centres),
+    with the arithmetic of ``torch.nn.functional.grid_sample`` (same float32 normalised
+    coordinates, same weights, same sum order: bit-identical values, tested), as soon as both grid
+    planes it needs (``floor(z)`` and the one above, clamped) have arrived; the argmax is taken
+    then. One previous plane is kept for voxels between two slabs. Input slices are visited only
+    for the slabs their z-range touches (an oblique slice spans several slabs).
+
+    Memory: the labels (input voxels x 1 or 2 bytes), one slab + one plane ``C * (dz + 1) * Y * X *
+    4`` bytes, and work arrays of ~``slab_mb`` MB (at least one input slice, ~(160 + 16 C) bytes
+    per voxel); with ``keep_probabilities`` also the whole grid
+    ``C * Z * Y * X * 4`` bytes (``self.probabilities``, only when asked).
+    """
+
+    def __init__(self, grid, image: sitk.Image, class_values, slab_mb: float = DEFAULT_SLAB_MB,
+                 keep_probabilities: bool = False, cancel=None):
+        self.grid, self.cancel, self.slab_mb = grid, cancel, float(slab_mb)
+        self.values = np.asarray(class_values)
+        self.out_dtype = np.uint8 if self.values.max() <= 255 else np.uint16
+        self.keep_probabilities = bool(keep_probabilities)
+        self.size_in = tuple(int(v) for v in image.GetSize())          # (x, y, z)
+        self.size_grid = np.array(grid.size, dtype=np.int64)           # (x, y, z)
+        self.a, self.b = _index_to_grid_voxel(image, grid)
+        self.scale = 2.0 / np.maximum(self.size_grid.astype(np.float64) - 1.0, 1.0)
+        nx, ny, nz = self.size_in
+        corners = np.array([[i, j] for i in (0, nx - 1) for j in (0, ny - 1)], dtype=np.float64)
+        kk = np.arange(nz, dtype=np.float64)
+        hi = np.stack([self._hi_plane(self._coord(2, ci, cj, kk)) for ci, cj in corners])
+        self.slice_lo = hi.min(axis=0) - 1   # the grid planes each input slice needs (+-1: rounding)
+        self.slice_hi = hi.max(axis=0) + 1
+        self.seconds = 0.0
+        self.start(None, None)
+
+    def start(self, n_classes, shape_zyx) -> None:
+        """(Re)start a pass: clear the labels (a rerun after out-of-memory starts from scratch)."""
+        nx, ny, nz = self.size_in
+        self.labels = np.zeros((nz, ny, nx), dtype=self.out_dtype)
+        self.prev = None
+        self.done_voxels = 0
+        self.probabilities = None
+        self.next_plane = 0
+
+    def _coord(self, axis: int, i, j, k) -> np.ndarray:
+        """Grid voxel coordinate ``axis`` of input index (i, j, k), float64, elementwise."""
+        a, b = self.a, self.b
+        return a[axis, 0] * i + a[axis, 1] * j + a[axis, 2] * k + b[axis]
+
+    def _source(self, axis: int, p: np.ndarray) -> np.ndarray:
+        """Float32 source coordinate as grid_sample computes it (align_corners, border clip)."""
+        n1 = np.float32(self.size_grid[axis] - 1)
+        norm = (p * self.scale[axis] - 1.0).astype(np.float32)
+        c = ((norm + np.float32(1)) / np.float32(2)) * n1
+        return np.minimum(np.maximum(c, np.float32(0)), n1)
+
+    def _hi_plane(self, pz: np.ndarray) -> np.ndarray:
+        return np.minimum(np.floor(self._source(2, pz)).astype(np.int64) + 1, self.size_grid[2] - 1)
+
+    def __call__(self, z0: int, slab) -> None:
+        """Grid planes [z0, z0 + dz) of probabilities (C, dz, Y, X) float32 have arrived."""
+        t0 = time.perf_counter()
+        if self.cancel is not None:
+            self.cancel.raise_if_cancelled()
+        slab = torch.as_tensor(slab, dtype=torch.float32)
+        n_c, dz = int(slab.shape[0]), int(slab.shape[1])
+        z0 = int(z0)
+        if z0 != self.next_plane or tuple(slab.shape[1:][::-1]) != tuple(int(v) for v in self.grid.size[:2]) + (dz,):
+            raise ValueError(f"slab of planes {z0}..{z0 + dz} {tuple(slab.shape)} does not continue plane "
+                             f"{self.next_plane} of a grid of size {tuple(self.grid.size)}")
+        if self.keep_probabilities:
+            if self.probabilities is None:
+                self.probabilities = np.empty((n_c,) + tuple(self.grid.shape_zyx), dtype=np.float32)
+            self.probabilities[:, z0:z0 + dz] = slab.numpy()
+        z1 = z0 + dz
+        local = slab if self.prev is None else torch.cat([self.prev[:, None], slab], dim=1)
+        offset = z0 if self.prev is None else z0 - 1       # grid plane of local plane 0
+        gx, gy = int(self.size_grid[0]), int(self.size_grid[1])
+        flat = local.permute(1, 2, 3, 0).contiguous().reshape(-1, n_c).numpy()  # (voxel, class): a corner = C adjacent floats
+        nx, ny, _ = self.size_in
+        per_batch = max(1, int(self.slab_mb * 2 ** 20 // ((160 + 16 * n_c) * nx * ny)))
+        ks = np.nonzero((self.slice_hi >= z0) & (self.slice_lo < z1))[0]
+        ii = np.arange(nx, dtype=np.float64)[None, None, :]
+        jj = np.arange(ny, dtype=np.float64)[None, :, None]
+        for s in range(0, len(ks), per_batch):
+            kb = ks[s:s + per_batch]
+            pz = self._coord(2, ii, jj, kb.astype(np.float64)[:, None, None])
+            hi = self._hi_plane(pz)
+            sel_k, sel_j, sel_i = np.nonzero((hi >= z0) & (hi < z1))
+            if not len(sel_k):
+                continue
+            k = kb[sel_k]
+            i, j = sel_i.astype(np.float64), sel_j.astype(np.float64)
+            kf = k.astype(np.float64)
+            cx = self._source(0, self._coord(0, i, j, kf))
+            cy = self._source(1, self._coord(1, i, j, kf))
+            cz = self._source(2, pz[sel_k, sel_j, sel_i])
+            probs = self._trilinear(flat, (cx, cy, cz), (gx, gy), offset)
+            self.labels[k, sel_j, sel_i] = self.values[probs.argmax(axis=1)].astype(self.out_dtype)
+            self.done_voxels += len(k)
+        self.prev = local[:, -1].clone()
+        self.next_plane = z1
+        self.seconds += time.perf_counter() - t0
+
+    def _trilinear(self, flat: np.ndarray, c_xyz, size_xy, offset: int) -> np.ndarray:
+        """(N, C) samples; grid_sample's 3D bilinear kernel: weights (x1 - x)(y1 - y)(z1 - z)..., sum
+        over the corners tnw, tne, tsw, tse, bnw, bne, bsw, bse in that order."""
+        lo, hi, w_lo, w_hi = [], [], [], []
+        for axis, c in enumerate(c_xyz):
+            i0 = np.floor(c).astype(np.int64)
+            lo.append(i0)
+            hi.append(np.minimum(i0 + 1, self.size_grid[axis] - 1))  # out of range only with weight 0
+            w_hi.append(c - i0.astype(np.float32))
+            w_lo.append((i0 + 1).astype(np.float32) - c)
+        gx, gy = size_xy
+        out = None
+        for zc, wz in ((lo[2], w_lo[2]), (hi[2], w_hi[2])):
+            for yc, wy in ((lo[1], w_lo[1]), (hi[1], w_hi[1])):
+                for xc, wx in ((lo[0], w_lo[0]), (hi[0], w_hi[0])):
+                    term = np.take(flat, ((zc - offset) * gy + yc) * gx + xc, axis=0)
+                    term *= (wx * wy * wz)[:, None]
+                    out = term if out is None else np.add(out, term, out=out)
+        return out
+
+    def finish(self) -> sitk.Image:
+        total = int(np.prod(self.size_in))
+        if self.done_voxels != total or self.next_plane != int(self.size_grid[2]):
+            raise AssertionError(f"resampling decided {self.done_voxels} of {total} voxels after grid plane "
+                                 f"{self.next_plane} of {int(self.size_grid[2])}")
+        return sitk.GetImageFromArray(self.labels)
+
+
 def labels_on_image(probs_grid: np.ndarray, grid, image: sitk.Image, class_values: np.ndarray,
                     slab_mb: float = DEFAULT_SLAB_MB, cancel=None) -> sitk.Image:
-    """Class probabilities on ``grid`` -> argmax label map on ``image``'s grid (source values).
-
-    Slab-wise trilinear resampling of all classes (bounded memory) with the argmax per slab.
-    """
-    n_c = probs_grid.shape[0]
-    nx, ny, nz = image.GetSize()
-    a, b = _index_to_grid_voxel(image, grid)
-    size_xyz = np.array(grid.size, dtype=np.float64)
-    scale = 2.0 / np.maximum(size_xyz - 1.0, 1.0)
-    # bytes per output voxel of a slab: C float32 samples + float64 index/grid coordinates
-    slab = max(1, int(slab_mb * 2 ** 20 // ((4 * n_c + 64) * nx * ny)))
-    vol = torch.from_numpy(np.ascontiguousarray(probs_grid, dtype=np.float32))[None]
-    values = np.asarray(class_values)
-    out_dtype = np.uint8 if values.max() <= 255 else np.uint16
-    out = np.zeros((nz, ny, nx), dtype=out_dtype)
-    ii, jj = np.meshgrid(np.arange(nx, dtype=np.float64), np.arange(ny, dtype=np.float64), indexing="xy")
-    for k0 in range(0, nz, slab):
-        if cancel is not None:
-            cancel.raise_if_cancelled()
-        k1 = min(nz, k0 + slab)
-        kk = np.arange(k0, k1, dtype=np.float64)[:, None, None]
-        idx = np.stack(np.broadcast_arrays(ii[None], jj[None], kk), axis=-1)  # (nk, ny, nx, 3) (i, j, k)
-        p = idx @ a.T + b                                                      # grid voxel (x, y, z)
-        norm = torch.from_numpy((p * scale - 1.0).astype(np.float32))[None]
-        sampled = F.grid_sample(vol, norm, mode="bilinear", padding_mode="border", align_corners=True)
-        out[k0:k1] = values[sampled[0].argmax(dim=0).numpy()].astype(out_dtype)
-    labels = sitk.GetImageFromArray(out)
+    """Class probabilities (C, z, y, x) on ``grid`` -> argmax label map on ``image``'s grid (source
+    values): :class:`LabelResampler` fed the grid in slabs of ~``slab_mb`` MB."""
+    resampler = LabelResampler(grid, image, class_values, slab_mb, cancel=cancel)
+    n_c, nz, ny, nx = probs_grid.shape
+    step = max(1, int(slab_mb * 2 ** 20 // (4 * n_c * ny * nx)))
+    for z0 in range(0, nz, step):
+        resampler(z0, torch.from_numpy(np.ascontiguousarray(probs_grid[:, z0:z0 + step], dtype=np.float32)))
+    labels = resampler.finish()
     labels.CopyInformation(image)
     return labels
 
@@ -158,8 +267,13 @@ def segment(image: sitk.Image, model, device="auto", *, precision: str = "auto",
     (a segmentation checkpoint path or a loaded SegmentationNet). See the module docstring.
 
     window: sliding-window side in voxels (default: the training crop); overlap: window overlap
-    fraction; keep_probabilities: also return the (C, z, y, x) probabilities on the network grid.
-    progress: a :class:`gvsl.progress.Progress` (``event("stage", ...)``); cancel: a CancelToken.
+    fraction; keep_probabilities: also return the (C, z, y, x) float32 probabilities of the whole
+    network grid (``C * Z * Y * X * 4`` bytes more: only when asked, e.g. ``--probabilities``);
+    slab_mb: size of the probability slabs handed from the sliding window to the resampling and
+    of the resampling's work arrays (at least one input slice).
+    progress: a :class:`gvsl.progress.Progress` (``event("stage", ...)``, one ``"window_row"``
+    event per row of windows); cancel: a CancelToken, checked before every row of windows and
+    every slab.
     """
     from gvsl.device import describe
     from gvsl.io import VolumeError, validate_volume
@@ -197,18 +311,25 @@ def segment(image: sitk.Image, model, device="auto", *, precision: str = "auto",
     timings["preprocess"] = time.perf_counter() - t
     win = window_of(model, window)
     t = time.perf_counter()
-    stage("network", f"sliding window {win}^3 (Gaussian blending) on a {'x'.join(map(str, prepared.grid.size))} grid")
-    probs, inference = network_probabilities(model, prepared.array_zyx, device, precision, win, overlap,
-                                             sw_batch_size)
-    timings["network"] = time.perf_counter() - t
-    t = time.perf_counter()
-    stage("export", "class scores resampled onto the input grid, argmax")
-    labels = labels_on_image(probs, prepared.grid, image, class_values, slab_mb, cancel)
-    timings["export"] = time.perf_counter() - t
+    stage("network", f"sliding window {win}^3 (Gaussian blending) on a {'x'.join(map(str, prepared.grid.size))} "
+                     "grid, streamed onto the input grid (argmax)")
+    from gvsl.inference import Inference
+    from gvsl.slidingwindow import stream_sliding_window
+    resampler = LabelResampler(prepared.grid, image, class_values, slab_mb, keep_probabilities, cancel)
+    n_c, (_, ny, nx) = len(class_values), prepared.grid.shape_zyx
+    slab_planes = max(1, int(slab_mb * 2 ** 20 // (4 * n_c * ny * nx)))
+    inference = Inference(model, device=device, precision=precision, progress=progress)
+    inference.run(lambda m, x: stream_sliding_window(m, x, (win,) * 3, resampler, overlap, sw_batch_size,
+                                                     slab_planes, cancel, progress),
+                  prepared.array_zyx, what="segmentation")
+    labels = resampler.finish()
+    labels.CopyInformation(image)
+    timings["network"] = time.perf_counter() - t - resampler.seconds
+    timings["export"] = resampler.seconds
     counts = np.bincount(np.searchsorted(class_values, sitk.GetArrayViewFromImage(labels).ravel()),
                          minlength=len(class_values))
     return SegmentationResult(
-        labels=labels, table=table, probabilities_grid=probs if keep_probabilities else None,
+        labels=labels, table=table, probabilities_grid=resampler.probabilities,
         grid=prepared.grid, timings_s={k: round(v, 3) for k, v in timings.items()},
         warnings=list(prepared.warnings) + list(inference.warnings), device=describe(inference.device),
         precision=inference.precision.name, window=(win,) * 3,
@@ -233,6 +354,8 @@ def run_cli(args) -> int:
     from gvsl.progress import CancelToken
     from gvsl.io import read_volume, write_image_atomic
     from gvsl.progress import Progress
+    from gvsl.inference import return_large_blocks_to_os
+    return_large_blocks_to_os()  # this process only: freed window tensors go back to the OS
     progress = Progress(3, mode=args.progress, task="segment")
     image = read_volume(args.image)
     result = segment(image, args.model, args.device, precision=args.precision, window=args.window,
