@@ -9,8 +9,22 @@ progress, history, loss/validation curves, atomic checkpoints, best-by-validatio
   ``out_conv`` (the paper's linear evaluation).
 * **Step**: a batch of ``crop``^3 patches, 2/3 centred on a voxel of a random present structure
   (:func:`gvsl.segdata.sample_patch`, drawn from the trainer's seeded generator so resume is
-  exact), loss = Dice + cross-entropy (MONAI ``DiceLoss(softmax, one-hot)`` + torch cross-entropy,
-  both in fp32 on the logits), Adam, CUDA autocast via the trainer's precision.
+  exact), loss = Dice + cross-entropy, both in fp32 on the logits: MONAI
+  ``DiceLoss(softmax=True, to_onehot_y=True, include_background=False, batch=True)`` (the soft Dice
+  of the foreground structures, pooled over the batch, as nnU-Net's batch Dice without background)
+  + torch cross-entropy; Adam, CUDA autocast via the trainer's precision.
+* **Head start** (:func:`gvsl.segmodel.init_head_prior`): a fresh ``out_conv`` starts with its
+  bias at the log class frequencies of the training labels.
+
+  Why these two (measured on 64^3 heart phantoms, whose 7 structures are 0.1-1.4 % of the voxels
+  each): with a uniform head and the default per-patch Dice over all 8 classes, the first ~50
+  steps only learned "all background" (the demo's 40 steps segmented nothing, Dice 0 for every
+  structure): cross-entropy collapses onto the 95 % background, the background's Dice term is ~1
+  for free, and a structure absent from a patch scores a perfect Dice for predicting nothing.
+  With the prior head and foreground batch Dice the structures appear within ~15-30 steps.
+  The published recipe (Adam, lr 1e-4, large crops, long GPU runs) is the default here; a short
+  CPU run needs a larger lr (1e-3..3e-3) and crops that hold the whole structure (see
+  :mod:`gvsl.demo`).
 * **Validation** every ``validate_every`` steps: Gaussian sliding windows (window = ``crop``) over
   each validation case on its preprocessing grid, argmax, Dice per structure; ``dice_mean`` (over
   the structures present in each case, averaged over cases) picks ``seg_best.pt``. Without a
@@ -198,7 +212,8 @@ class FinetuneTask(TrainingTask):
     def build_model(self, trainer):
         from gvsl.checkpoint import CheckpointError
         from gvsl.network import DEFAULT_CHANNELS
-        from gvsl.segmodel import init_backbone_from, new_model
+        from gvsl.segdata import voxel_count_summary
+        from gvsl.segmodel import init_backbone_from, init_head_prior, new_model
         cfg = trainer.config
         ckpt = self.init_ckpt
         channels = cfg.model_channels or (ckpt or {}).get("model_config", {}).get("channels") or DEFAULT_CHANNELS
@@ -207,8 +222,10 @@ class FinetuneTask(TrainingTask):
             if ckpt is not None and ckpt.get("kind") == "segmentation" and \
                     ckpt.get("labels", {}).get("values") == self.table.values:
                 model.load_state_dict(ckpt["state_dict"])
-            elif ckpt is not None:
-                init_backbone_from(model, ckpt, cfg.pretrained)
+            else:
+                if ckpt is not None:
+                    init_backbone_from(model, ckpt, cfg.pretrained)
+                init_head_prior(model, voxel_count_summary(self.cases, len(self.table) + 1))
         except (CheckpointError, RuntimeError) as exc:
             raise TrainingError(f"--pretrained: {str(exc).splitlines()[0]}") from None
         if cfg.mode == "linear":
@@ -223,7 +240,7 @@ class FinetuneTask(TrainingTask):
         cfg = trainer.config
         if self._dice is None:
             from monai.losses import DiceLoss
-            self._dice = DiceLoss(to_onehot_y=True, softmax=True)
+            self._dice = DiceLoss(to_onehot_y=True, softmax=True, include_background=False, batch=True)
         x, y = sample_batch(self.cases, cfg.batch_size, cfg.crop, trainer.generator, cfg.pos_fraction)
         x = trainer.precision.prepare_input(x)
         y = y.to(trainer.device)
