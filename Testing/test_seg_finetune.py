@@ -174,3 +174,16 @@ def test_short_finetune_segments_the_structures(heart_cases, tmp_path):
     dice = {name: m["dice"] or 0.0 for name, m in res["structures"].items()}
     assert res["mean_dice"] > 0.25, dice
     assert sum(d > 0.3 for d in dice.values()) >= 3, dice
+
+
+def test_poly_lr_schedule_is_reported_per_step(heart_cases, tmp_path):
+    """--lr-schedule poly: step k (0-based) runs at lr * (1 - k/steps)^0.9 (nnU-Net's formula);
+    the default stays the paper's constant rate."""
+    records = []
+    finetune(_config(heart_cases, tmp_path / "poly", steps=4, lr=2e-3, lr_schedule="poly", validate_every=0,
+                     save_every=0), callback=records.append)
+    lrs = [r["lr"] for r in records if r["event"] == "step"]
+    assert lrs == pytest.approx([2e-3 * (1 - k / 4) ** 0.9 for k in range(4)], abs=1e-6)  # progress rounds
+    assert FinetuneConfig(task="heart", images=["a"], labels=["b"], out="o").lr_schedule == "constant"
+    with pytest.raises(TrainingError, match="--lr-schedule must be constant or poly"):
+        _config(heart_cases, tmp_path / "x", lr_schedule="cosine")
