@@ -142,3 +142,48 @@ def test_cli_finetune_errors_are_one_line(heart_cases, tmp_path, capsys):
     rc = main(["finetune", "--task", "lungs", "--images", str(heart_cases / "images"),
                "--labels", str(heart_cases / "labels"), "--out", str(tmp_path / "x"), "--progress", "none"])
     assert rc == 2 and "not found" in capsys.readouterr().err
+
+
+def test_head_starts_at_the_class_frequencies():
+    """init_head_prior: softmax of a zero-weight head = the training labels' class frequencies."""
+    from gvsl.labels import load_task_table
+    from gvsl.segmodel import init_head_prior, new_model
+    model = new_model(load_task_table("heart"), TINY)
+    counts = [9000, 10, 20, 30, 40, 50, 0, 850]  # an absent class counts as 1 voxel
+    init_head_prior(model, counts)
+    torch.nn.init.zeros_(model.out_conv.weight)
+    probs = model.probabilities(torch.rand(1, 1, 16, 16, 16))[0, :, 3, 4, 5]
+    expected = np.maximum(counts, 1) / np.maximum(counts, 1).sum()
+    np.testing.assert_allclose(probs.detach().numpy(), expected, rtol=1e-5)
+    with pytest.raises(ValueError, match="8 classes"):
+        init_head_prior(model, counts[:3])
+
+
+def test_short_finetune_segments_the_structures(heart_cases, tmp_path):
+    """The bug of the demo's all-background segmentation (Dice 0 for every structure after 40 steps):
+    a short fine-tune of a tiny network must already segment the training case. With the old
+    recipe (uniform head, per-patch Dice over all classes incl. background) 40 such steps gave
+    mean Dice 0.03 (only the myocardium, 0.2); measured with the fix after 30 steps: mean 0.39,
+    five structures above 0.39."""
+    cfg = _config(heart_cases, tmp_path / "short", steps=30, crop=32, batch_size=2, lr=3e-3, validate_every=0,
+                  save_every=0, model_channels=[8, 8, 16, 16, 32, 16, 16, 8, 8])
+    summary = finetune(cfg)
+    ct = sitk.ReadImage(str(heart_cases / "images" / "h0.nii.gz"))
+    truth = sitk.ReadImage(str(heart_cases / "labels" / "h0.nii.gz"))
+    res = evaluate(segment(ct, summary["checkpoint"], "cpu").labels, truth, "heart")
+    dice = {name: m["dice"] or 0.0 for name, m in res["structures"].items()}
+    assert res["mean_dice"] > 0.25, dice
+    assert sum(d > 0.3 for d in dice.values()) >= 3, dice
+
+
+def test_poly_lr_schedule_is_reported_per_step(heart_cases, tmp_path):
+    """--lr-schedule poly: step k (0-based) runs at lr * (1 - k/steps)^0.9 (nnU-Net's formula);
+    the default stays the paper's constant rate."""
+    records = []
+    finetune(_config(heart_cases, tmp_path / "poly", steps=4, lr=2e-3, lr_schedule="poly", validate_every=0,
+                     save_every=0), callback=records.append)
+    lrs = [r["lr"] for r in records if r["event"] == "step"]
+    assert lrs == pytest.approx([2e-3 * (1 - k / 4) ** 0.9 for k in range(4)], abs=1e-6)  # progress rounds
+    assert FinetuneConfig(task="heart", images=["a"], labels=["b"], out="o").lr_schedule == "constant"
+    with pytest.raises(TrainingError, match="--lr-schedule must be constant or poly"):
+        _config(heart_cases, tmp_path / "x", lr_schedule="cosine")

@@ -347,6 +347,8 @@ def _add_finetune(sub) -> None:
     p.add_argument("--crop", type=positive_int, default=96, help="cubic patch side in voxels, also the inference window (default 96)")
     p.add_argument("--batch-size", type=positive_int, default=2, help="patches per step and process (default 2)")
     p.add_argument("--lr", type=positive_float, default=1e-4, help="Adam learning rate (default 1e-4)")
+    p.add_argument("--lr-schedule", choices=("constant", "poly"), default="constant",
+                   help="constant (the paper's, default) or poly: lr * (1 - step/steps)^0.9, better for short runs")
     p.add_argument("--val-every", type=nonnegative_int, default=200, help="validate every N steps (default 200)")
     p.add_argument("--save-every", type=nonnegative_int, default=200, help="resumable checkpoint every N steps (default 200)")
     p.add_argument("--preset", choices=("ct", "mr"), default=None,

@@ -76,6 +76,21 @@ class SegmentationNet(nn.Module):
             p.requires_grad_(False)
 
 
+def init_head_prior(model: SegmentationNet, voxels_per_class) -> None:
+    """Start ``out_conv`` at the class frequencies: bias_c = log(voxels_c / all voxels) (every class
+    at least one voxel), weights unchanged (small, random). A fresh head otherwise predicts ~1/n for
+    every class; on data where the structures are a few % of the voxels (a heart in a CT) the first
+    tens of steps then only learn "everything is background" (cross-entropy collapses onto it and
+    the Dice gradients of the foreground are tiny), which is all a short run ever sees. Starting at
+    the prior skips that phase (the focal-loss paper's prior initialisation, Lin et al. 2017).
+    ``voxels_per_class``: (n_classes,) counts over the training labels, class 0 the background."""
+    counts = torch.as_tensor([max(float(v), 1.0) for v in voxels_per_class], dtype=torch.float32)
+    if counts.numel() != model.config.n_classes:
+        raise ValueError(f"{counts.numel()} class counts for a network of {model.config.n_classes} classes")
+    with torch.no_grad():
+        model.out_conv.bias.copy_(torch.log(counts / counts.sum()))
+
+
 def backbone_state(state: dict) -> dict:
     """The ``unet.*`` entries of a state dict (a GVSL pre-training model, the published weights
     or a segmentation model), keys kept as they are."""

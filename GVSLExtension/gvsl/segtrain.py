@@ -9,8 +9,24 @@ progress, history, loss/validation curves, atomic checkpoints, best-by-validatio
   ``out_conv`` (the paper's linear evaluation).
 * **Step**: a batch of ``crop``^3 patches, 2/3 centred on a voxel of a random present structure
   (:func:`gvsl.segdata.sample_patch`, drawn from the trainer's seeded generator so resume is
-  exact), loss = Dice + cross-entropy (MONAI ``DiceLoss(softmax, one-hot)`` + torch cross-entropy,
-  both in fp32 on the logits), Adam, CUDA autocast via the trainer's precision.
+  exact), loss = Dice + cross-entropy, both in fp32 on the logits: MONAI
+  ``DiceLoss(softmax=True, to_onehot_y=True, include_background=False, batch=True)`` (the soft Dice
+  of the foreground structures, pooled over the batch, as nnU-Net's batch Dice without background)
+  + torch cross-entropy; Adam (``lr_schedule``: ``constant``, the paper's, or ``poly``, nnU-Net's
+  lr * (1 - step/steps)^0.9, which ends a short run at small steps instead of mid-jump), CUDA
+  autocast via the trainer's precision.
+* **Head start** (:func:`gvsl.segmodel.init_head_prior`): a fresh ``out_conv`` starts with its
+  bias at the log class frequencies of the training labels.
+
+  Why these two (measured on 64^3 heart phantoms, whose 7 structures are 0.1-1.4 % of the voxels
+  each): with a uniform head and the default per-patch Dice over all 8 classes, the first ~50
+  steps only learned "all background" (the demo's 40 steps segmented nothing, Dice 0 for every
+  structure): cross-entropy collapses onto the 95 % background, the background's Dice term is ~1
+  for free, and a structure absent from a patch scores a perfect Dice for predicting nothing.
+  With the prior head and foreground batch Dice the structures appear within ~15-30 steps.
+  The published recipe (Adam, lr 1e-4, large crops, long GPU runs) is the default here; a short
+  CPU run needs a larger lr (1e-3..3e-3) and crops that hold the whole structure (see
+  :mod:`gvsl.demo`).
 * **Validation** every ``validate_every`` steps: Gaussian sliding windows (window = ``crop``) over
   each validation case on its preprocessing grid, argmax, Dice per structure; ``dice_mean`` (over
   the structures present in each case, averaged over cases) picks ``seg_best.pt``. Without a
@@ -39,6 +55,7 @@ from gvsl.progress import CancelToken
 from gvsl.trainer import TrainingError, TrainingTask, check_common_settings, run_task
 
 MODES = ("finetune", "linear")
+LR_SCHEDULES = ("constant", "poly")
 TASK_PRESETS = {"heart": "ct", "coronary": "ct", "brain": "mr"}
 BEST = "seg_best.pt"
 FINAL = "seg_final.pt"
@@ -64,6 +81,7 @@ class FinetuneConfig:
     crop: int = 96
     batch_size: int = 2
     lr: float = 1e-4
+    lr_schedule: str = "constant"  # the paper's; "poly": lr * (1 - step/steps)^0.9 (nnU-Net), for short runs
     validate_every: int = 200
     save_every: int = 200
     preset: Optional[str] = None
@@ -94,6 +112,8 @@ class FinetuneConfig:
         elif str(self.task).endswith(".tsv"):
             self.task = str(Path(self.task).expanduser().absolute())
         check_common_settings(self)
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise TrainingError(f"--lr-schedule must be constant or poly (got {self.lr_schedule!r})")
         if self.mode not in MODES:
             raise TrainingError(f"--mode must be finetune or linear (got {self.mode!r})")
         if isinstance(self.crop, bool) or not isinstance(self.crop, int) or not 16 <= self.crop <= 512:
@@ -138,6 +158,7 @@ class FinetuneTask(TrainingTask):
     def __init__(self):
         self.scores: dict = {}
         self._dice = None
+        self._schedule = "constant"
 
     # -- data -------------------------------------------------------------------------------
     def load_data(self, trainer) -> None:
@@ -146,6 +167,7 @@ class FinetuneTask(TrainingTask):
         from gvsl.io import VolumeError
         from gvsl.preprocessing import PreprocessSpec, spec_from_checkpoint, with_overrides
         cfg = trainer.config
+        self._schedule = cfg.lr_schedule
         try:
             self.table = segdata.resolve_table(cfg.task)
             remap = segdata.load_remap(cfg.remap) if cfg.remap else {}
@@ -198,7 +220,8 @@ class FinetuneTask(TrainingTask):
     def build_model(self, trainer):
         from gvsl.checkpoint import CheckpointError
         from gvsl.network import DEFAULT_CHANNELS
-        from gvsl.segmodel import init_backbone_from, new_model
+        from gvsl.segdata import voxel_count_summary
+        from gvsl.segmodel import init_backbone_from, init_head_prior, new_model
         cfg = trainer.config
         ckpt = self.init_ckpt
         channels = cfg.model_channels or (ckpt or {}).get("model_config", {}).get("channels") or DEFAULT_CHANNELS
@@ -207,8 +230,10 @@ class FinetuneTask(TrainingTask):
             if ckpt is not None and ckpt.get("kind") == "segmentation" and \
                     ckpt.get("labels", {}).get("values") == self.table.values:
                 model.load_state_dict(ckpt["state_dict"])
-            elif ckpt is not None:
-                init_backbone_from(model, ckpt, cfg.pretrained)
+            else:
+                if ckpt is not None:
+                    init_backbone_from(model, ckpt, cfg.pretrained)
+                init_head_prior(model, voxel_count_summary(self.cases, len(self.table) + 1))
         except (CheckpointError, RuntimeError) as exc:
             raise TrainingError(f"--pretrained: {str(exc).splitlines()[0]}") from None
         if cfg.mode == "linear":
@@ -218,12 +243,17 @@ class FinetuneTask(TrainingTask):
                                        "layer on a random backbone (the paper's scratch baseline)")
         return model
 
+    def lr_factor(self, step: int, steps: int) -> float:
+        if self._schedule == "poly":  # nnU-Net's: (1 - step/steps)^0.9, from 1 at the first step
+            return (1.0 - step / max(steps, 1)) ** 0.9
+        return 1.0
+
     def compute_losses(self, trainer, model) -> Dict[str, torch.Tensor]:
         from gvsl.segdata import sample_batch
         cfg = trainer.config
         if self._dice is None:
             from monai.losses import DiceLoss
-            self._dice = DiceLoss(to_onehot_y=True, softmax=True)
+            self._dice = DiceLoss(to_onehot_y=True, softmax=True, include_background=False, batch=True)
         x, y = sample_batch(self.cases, cfg.batch_size, cfg.crop, trainer.generator, cfg.pos_fraction)
         x = trainer.precision.prepare_input(x)
         y = y.to(trainer.device)
@@ -290,7 +320,7 @@ def run_cli(args) -> int:
     config = FinetuneConfig(
         task=args.task, images=args.images, labels=args.labels, out=args.out, val_images=args.val_images,
         val_labels=args.val_labels, pretrained=args.pretrained, mode=args.mode, steps=args.steps,
-        crop=args.crop, batch_size=args.batch_size, lr=args.lr, validate_every=args.val_every,
+        crop=args.crop, batch_size=args.batch_size, lr=args.lr, lr_schedule=args.lr_schedule, validate_every=args.val_every,
         save_every=args.save_every, preset=args.preset, spacing_mm=args.spacing,
         ignore_unknown_labels=args.ignore_unknown_labels, remap=args.remap, device=args.device,
         precision=args.precision, seed=args.seed, progress=args.progress, resume=args.resume, overwrite=args.overwrite,

@@ -15,7 +15,7 @@ does the rest the same way for every task:
 * ``resume``: the settings are taken from the checkpoint's saved config; a setting given now that
   differs from the saved one is refused naming the option as the user types it (only
   ``steps`` and ``lr`` may change: :func:`resolve_resume_config`);
-* the step loop: Adam (trainable parameters only) + GradScaler (fp16), autocast, progress
+* the step loop: Adam (trainable parameters only; rate ``config.lr * task.lr_factor(step, steps)``) + GradScaler (fp16), autocast, progress
   (:class:`gvsl.progress.Progress`: JSON lines / bar), cooperative cancel (:class:`CancelToken`;
   :func:`run_task` maps SIGINT/SIGTERM to it), history, atomic checkpoints, history.json and a
   loss-curve PNG (plus a validation-curve PNG when there is validation);
@@ -123,6 +123,11 @@ class TrainingTask:
     def parameters(self, model: torch.nn.Module):
         return [p for p in model.parameters() if p.requires_grad]
 
+    def lr_factor(self, step: int, steps: int) -> float:
+        """Multiplier of ``config.lr`` for the step about to run (``step`` = steps done so far, of
+        ``steps``); a function of the step only, so a resumed run gets the same rates."""
+        return 1.0
+
     def checkpoint_fields(self, trainer: "Trainer") -> dict:
         return {"kind": self.kind}
 
@@ -181,6 +186,7 @@ class Trainer:
         torch.manual_seed(self.config.seed)
         self.model = self.precision.prepare_model(task.build_model(self))
         self.optimizer = torch.optim.Adam(task.parameters(self.model), lr=self.config.lr)
+        self.lr = self.config.lr  # this step's rate: config.lr * task.lr_factor(step, steps)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision.needs_grad_scaler)
         if resume_ckpt is not None:
             self._restore(resume_ckpt)
@@ -342,6 +348,8 @@ class Trainer:
             terms = self.task.compute_losses(self, self.ddp_model)
         loss = terms["loss"]
         self._check_finite(loss)
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.lr
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         self.scaler.step(self.optimizer)
@@ -363,12 +371,13 @@ class Trainer:
             if distributed.any_rank(self.dist, self.device, self.cancel.cancelled):
                 status = "cancelled"
                 break
+            self.lr = cfg.lr * float(task.lr_factor(self.step, cfg.steps))
             terms = distributed.mean_over_ranks(self.dist, self.device, self.train_step())
             self.step += 1
             self.history["step"].append(self.step)
             for k in task.loss_terms:
                 self.history[k].append(terms[k])
-            self.progress.update(self.step, lr=cfg.lr, **terms)
+            self.progress.update(self.step, lr=self.lr, **terms)
             if validate_every and self.step % validate_every == 0:  # multiples only: resume stays exact
                 self._validate()
             if cfg.save_every and self.step % cfg.save_every == 0 and self.step < cfg.steps:
