@@ -187,3 +187,35 @@ def test_poly_lr_schedule_is_reported_per_step(heart_cases, tmp_path):
     assert FinetuneConfig(task="heart", images=["a"], labels=["b"], out="o").lr_schedule == "constant"
     with pytest.raises(TrainingError, match="--lr-schedule must be constant or poly"):
         _config(heart_cases, tmp_path / "x", lr_schedule="cosine")
+
+
+def test_validation_uses_the_streaming_window_and_equals_monai(heart_cases):
+    """FinetuneTask.validate (streaming window) scores exactly what MONAI's whole-grid Gaussian
+    sliding window + argmax gives on the same model and case."""
+    from types import SimpleNamespace
+
+    from monai.inferers import sliding_window_inference
+
+    from gvsl import segdata
+    from gvsl.labels import load_task_table
+    from gvsl.preprocessing import PreprocessSpec
+    from gvsl.segmodel import new_model
+    from gvsl.segtrain import FinetuneTask, dice_per_class
+    torch.manual_seed(0)
+    table = load_task_table("heart")
+    model = new_model(table, TINY).eval()
+    task = FinetuneTask()
+    task.table = table
+    enc = segdata.LabelEncoder(table)
+    task.val_cases = [segdata.load_case(heart_cases / "images" / "h2.nii.gz", heart_cases / "labels" / "h2.nii.gz",
+                                        PreprocessSpec(preset="ct"), enc)]
+    trainer = SimpleNamespace(config=SimpleNamespace(crop=16), step=7,
+                              precision=SimpleNamespace(prepare_input=lambda x: x))
+    with torch.no_grad():
+        scores = task.validate(trainer, model)
+        case = task.val_cases[0]
+        logits = sliding_window_inference(torch.from_numpy(case.image_zyx)[None, None], (16,) * 3, 1, model,
+                                          overlap=0.25, mode="gaussian")
+    expected = dice_per_class(logits[0].argmax(0).numpy(), case.classes_zyx, len(table) + 1)
+    assert scores["dice_mean"] == pytest.approx(float(np.mean(list(expected.values()))), abs=1e-12)
+    assert task.scores["step"] == 7

@@ -28,7 +28,8 @@ progress, history, loss/validation curves, atomic checkpoints, best-by-validatio
   CPU run needs a larger lr (1e-3..3e-3) and crops that hold the whole structure (see
   :mod:`gvsl.demo`).
 * **Validation** every ``validate_every`` steps: Gaussian sliding windows (window = ``crop``) over
-  each validation case on its preprocessing grid, argmax, Dice per structure; ``dice_mean`` (over
+  each validation case on its preprocessing grid (:func:`gvsl.slidingwindow.stream_sliding_window`,
+  the blend ``gvsl segment`` uses, holding one window depth of scores), argmax, Dice per structure; ``dice_mean`` (over
   the structures present in each case, averaged over cases) picks ``seg_best.pt``. Without a
   validation set the training cases are used (the best checkpoint is then best on training data;
   a warning says so).
@@ -263,15 +264,19 @@ class FinetuneTask(TrainingTask):
         return {"loss": dice + ce, "dice": dice, "ce": ce}
 
     def validate(self, trainer, model) -> Dict[str, float]:
-        from monai.inferers import sliding_window_inference
+        from gvsl.slidingwindow import stream_sliding_window
         cfg = trainer.config
         n_classes = len(self.table) + 1
         per_class: Dict[int, List[float]] = {c: [] for c in range(1, n_classes)}
         means = []
         for case in self.val_cases:
             x = trainer.precision.prepare_input(torch.from_numpy(case.image_zyx)[None, None])
-            logits = sliding_window_inference(x, (cfg.crop,) * 3, 1, model, overlap=0.25, mode="gaussian")
-            pred = logits[0].float().argmax(dim=0).cpu().numpy()
+            # the streaming Gaussian window of gvsl segment (MONAI's blend, one window deep in memory)
+            pred = np.zeros(case.classes_zyx.shape, dtype=np.int64)
+
+            def keep_argmax(z0, probs, pred=pred):
+                pred[z0:z0 + probs.shape[1]] = probs.argmax(dim=0).numpy()
+            stream_sliding_window(model, x, (cfg.crop,) * 3, keep_argmax, overlap=0.25)
             d = dice_per_class(pred, case.classes_zyx, n_classes)
             for c, v in d.items():
                 per_class[c].append(v)
