@@ -177,3 +177,20 @@ def test_gvsl_info_describes_a_segmentation_model(tmp_path, capsys):
     assert main(["info", "--model", str(tmp_path / "seg.pt"), "--device", "cpu"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["model"]["kind"] == "segmentation" and info["model"]["labels"]["values"] == [1]
+
+
+def test_picture_colours_tell_the_structures_apart(tmp_path):
+    import numpy as np
+
+    from gvsl.labels import load_task_table
+    from gvsl.segpictures import DISTINCT_RGB, _two_lines, picture_colours
+    for task in ("heart", "brain"):
+        table = load_task_table(task)
+        colours = np.array(list(picture_colours(table).values()))
+        assert len(colours) == len(table)
+        dist = np.linalg.norm(colours[:, None] - colours[None], axis=-1) + np.eye(len(colours)) * 10
+        assert dist.min() >= DISTINCT_RGB * 0.5, task  # the heart table's own reds differ by ~0.02
+    coronary = load_task_table("coronary")  # one structure: its terminology colour is kept
+    assert picture_colours(coronary) == {lab.value: tuple(lab.color_float) for lab in coronary}
+    assert _two_lines("Left ventricle blood cavity") == "Left ventricle\nblood cavity"
+    assert _two_lines("Aorta") == "Aorta"

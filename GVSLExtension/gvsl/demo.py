@@ -30,7 +30,7 @@ from gvsl.fsio import atomic_write_text
 from gvsl.progress import Progress
 
 DEFAULTS = {"n": 6, "size": 64, "steps": 60, "crop": 48, "batch_size": 1, "lr": 1e-4, "refine": "auto",
-            "finetune_steps": 80}
+            "finetune_steps": 160}
 # The segmentation stage's short-CPU-run recipe (the published one, gvsl finetune's defaults, is
 # Adam lr 1e-4 on 1 mm crops for thousands of GPU steps). A few dozen CPU steps of the full-width
 # network only learn the structures when every step sees all of them: the phantoms are fine-tuned

@@ -1,8 +1,13 @@
 """Segmentation overview picture: image, truth and prediction overlays, per-structure Dice.
 
 Rows: axial / coronal / sagittal mid slices (orientation as :mod:`gvsl.pictures`); columns: the
-image, the truth over it, the prediction over it (label colours from the task's table, 55 %
-opacity); a last panel with a horizontal bar per structure (Dice). Written atomically.
+image, the truth over it, the prediction over it (55 % opacity); a last panel with a horizontal
+bar per structure (Dice), in the overlay colours, so it doubles as the legend. Written atomically.
+
+Colours: the task table's (Slicer terminology) colours, unless two of them are too alike to tell
+apart in a picture (the heart table's chambers are all shades of the same red: the closest pair
+differs by 0.02 in RGB), in which case the picture uses matplotlib's qualitative ``tab20``
+palettes instead; the segment nodes and ``.seg.nrrd`` files keep the table's colours.
 """
 from __future__ import annotations
 
@@ -24,10 +29,36 @@ def _overlay(gray: np.ndarray, labels: np.ndarray, lut: Dict[int, tuple], alpha:
     return rgb
 
 
+DISTINCT_RGB = 0.15  # the smallest Euclidean RGB distance (0..1 per channel) two overlay colours may have
+
+
+def picture_colours(table) -> Dict[int, tuple]:
+    """{label value: (r, g, b) in 0..1}: the table's colours, or ``tab20``/``tab20b`` ones when
+    two table colours are closer than :data:`DISTINCT_RGB`."""
+    colours = {lab.value: tuple(lab.color_float) for lab in table}
+    rgb = np.array(list(colours.values()), dtype=float)
+    if len(rgb) < 2:
+        return colours
+    dist = np.linalg.norm(rgb[:, None] - rgb[None], axis=-1) + np.eye(len(rgb)) * 10
+    if dist.min() >= DISTINCT_RGB:
+        return colours
+    from matplotlib import colormaps
+    palette = list(colormaps["tab20"].colors) + list(colormaps["tab20b"].colors)
+    return {value: tuple(palette[i % len(palette)][:3]) for i, value in enumerate(colours)}
+
+
+def _two_lines(name: str, width: int = 20) -> str:
+    """A name longer than ``width`` characters broken at the space nearest its middle (no truncation)."""
+    if len(name) <= width or " " not in name:
+        return name
+    cut = min((i for i, ch in enumerate(name) if ch == " "), key=lambda i: abs(i - len(name) / 2))
+    return name[:cut] + "\n" + name[cut + 1:]
+
+
 def segmentation_overview(image: sitk.Image, truth: Optional[sitk.Image], prediction: sitk.Image, table,
                           dice: Optional[Dict[str, Optional[float]]], path, title: str = "") -> Path:
     """Write the overview PNG to ``path``; ``dice``: {structure name: Dice or None}."""
-    lut = {lab.value: lab.color_float for lab in table}
+    lut = picture_colours(table)
     vol = _Volume(image)
     columns = [("image", None), ("truth", _Volume(truth) if truth is not None else None),
                ("prediction", _Volume(prediction))]
@@ -52,7 +83,7 @@ def segmentation_overview(image: sitk.Image, truth: Optional[sitk.Image], predic
     ax.barh(y, [v if v is not None else 0.0 for v in values], color=[lut[lab.value] for lab in table])
     for yi, v in zip(y, values):
         ax.text(0.01 if v is None else min(v, 0.98), yi, "n/a" if v is None else f" {v:.2f}", va="center", fontsize=7)
-    ax.set_yticks(y, [n if len(n) <= 22 else n[:21] + "." for n in names], fontsize=7)
+    ax.set_yticks(y, [_two_lines(n) for n in names], fontsize=7 if len(names) <= 10 else 5)
     ax.invert_yaxis()
     ax.set_xlim(0, 1)
     ax.set_xlabel("Dice", fontsize=8)
