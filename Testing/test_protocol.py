@@ -185,6 +185,7 @@ def test_cli_end_to_end_writes_the_report_and_a_rerun_skips(phantoms, tiny_pretr
     out = tmp_path / "protocol"
     argv = ["protocol", "--task", "heart", "--data", str(data), "--out", str(out), "--pretrained", str(tiny_pretrained),
             "--split", "2/1/1", "--steps", "2", "--val-every", "2", "--crop", "16", "--batch-size", "1", "--lr", "0.003",
+            "--lr-schedule", "poly", "--spacing", "1.5",
             "--model-channels", *map(str, CHANNELS), "--device", "cpu", "--progress", "json"]
     assert gvsl_main(argv) == 0, capsys.readouterr().err
     events = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
@@ -201,6 +202,7 @@ def test_cli_end_to_end_writes_the_report_and_a_rerun_skips(phantoms, tiny_pretr
     table = load_task_table("heart")
     for run in results["runs"]:
         assert run["settings"]["steps"] == 2 and run["settings"]["model_channels"] == CHANNELS
+        assert run["settings"]["lr_schedule"] == "poly" and run["settings"]["spacing_mm"] == 1.5
         assert set(run["dice_per_structure"]) <= set(table.names)
         case = run["cases"][test_id]
         # the recorded Dice equals an independent Dice of the written prediction vs the truth
@@ -219,6 +221,9 @@ def test_cli_end_to_end_writes_the_report_and_a_rerun_skips(phantoms, tiny_pretr
         assert f"| {init} | {mode} |" in report
     assert "The paper's numbers, for reference only" in report and "91.2" in report and "21.9" in report
     assert "2 steps" in report and "Left ventricle myocardium" in report
+    assert "(poly)" in report and "grid spacing 1.5 mm" in report
+    from gvsl.checkpoint import load_checkpoint
+    assert load_checkpoint(out / "runs" / "scratch-finetune" / "seg_best.pt")["preprocessing"]["spacing_mm"] == 1.5
     png = (out / "dice_bars.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
     before = (out / "runs" / "scratch-linear" / "results.json").read_text()

@@ -436,6 +436,10 @@ Example: gvsl protocol --task heart --data MM-WHS/ --out protocol-heart --pretra
     p.add_argument("--crop", type=positive_int, default=96, help="patch side in voxels, also the inference window (default 96)")
     p.add_argument("--batch-size", type=positive_int, default=2, help="patches per step (default 2)")
     p.add_argument("--lr", type=positive_float, default=1e-4, help="Adam learning rate (default 1e-4)")
+    p.add_argument("--lr-schedule", choices=("constant", "poly"), default="constant",
+                   help="constant (the paper's) or poly: lr x (1 - step/steps)^0.9, for short runs (default constant)")
+    p.add_argument("--spacing", type=positive_float, default=None, metavar="MM",
+                   help="network grid spacing in mm (default: the task's preprocessing, 1 mm; coarser is faster)")
     p.add_argument("--val-every", type=positive_int, default=None,
                    help="validate every N steps, the best is kept (default: steps / 10)")
     p.add_argument("--modes", default="finetune,linear", metavar="finetune,linear",

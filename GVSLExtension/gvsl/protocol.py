@@ -75,6 +75,8 @@ class ProtocolConfig:
     crop: int = 96
     batch_size: int = 2
     lr: float = 1e-4
+    lr_schedule: str = "constant"        # the paper's; "poly" (nnU-Net's decay) for short runs
+    spacing_mm: Optional[float] = None   # default: the task's preprocessing spacing (1 mm)
     val_every: Optional[int] = None      # default: max(1, steps // 10)
     modes: List[str] = field(default_factory=lambda: list(MODES))
     model_channels: Optional[List[int]] = None
@@ -174,8 +176,8 @@ class _Protocol:
         c = self.config
         return _roundtrip({
             "task": c.task, "layout": self.dataset.layout, "pretrained": pretrained, "mode": mode,
-            "steps": c.steps, "crop": c.crop, "batch_size": c.batch_size, "lr": c.lr, "seed": c.seed,
-            "val_every": c.val_every, "model_channels": self.channels, "precision": c.precision,
+            "steps": c.steps, "crop": c.crop, "batch_size": c.batch_size, "lr": c.lr, "lr_schedule": c.lr_schedule,
+            "spacing_mm": c.spacing_mm, "seed": c.seed, "val_every": c.val_every, "model_channels": self.channels, "precision": c.precision,
             "ignore_unknown_labels": self.dataset.ignore_unknown, "remap": self.dataset.remap,
             "split": {k: [e["id"] for e in self.splits[k]] for k in ("train", "val", "test")}})
 
@@ -211,7 +213,8 @@ class _Protocol:
             task=c.task, images=[e["image"] for e in split["train"]], labels=[e["label"] for e in split["train"]],
             val_images=[e["image"] for e in split["val"]] or None, val_labels=[e["label"] for e in split["val"]] or None,
             out=str(folder), pretrained=pretrained, mode=mode, steps=c.steps, crop=c.crop, batch_size=c.batch_size,
-            lr=c.lr, validate_every=c.val_every, save_every=c.val_every,
+            lr=c.lr, lr_schedule=c.lr_schedule, spacing_mm=c.spacing_mm, validate_every=c.val_every,
+            save_every=c.val_every,
             ignore_unknown_labels=self.dataset.ignore_unknown, remap=self.remap_path, device=c.device,
             precision=c.precision, seed=c.seed, progress=c.progress, resume=resume, overwrite=restart,
             model_channels=self.channels)
@@ -391,7 +394,7 @@ def run_cli(args) -> int:
     config = ProtocolConfig(
         task=args.task, data=args.data, out=args.out, pretrained=args.pretrained or [], layout=args.layout,
         split=args.split, seed=args.seed, steps=args.steps, crop=args.crop, batch_size=args.batch_size, lr=args.lr,
-        val_every=args.val_every, modes=args.modes, model_channels=args.model_channels, device=args.device,
+        lr_schedule=args.lr_schedule, spacing_mm=args.spacing, val_every=args.val_every, modes=args.modes, model_channels=args.model_channels, device=args.device,
         precision=args.precision, ignore_unknown_labels=args.ignore_unknown_labels, progress=args.progress,
         overwrite=args.overwrite)
     summary = run_protocol(config, cancel=CancelToken(watch_file=getattr(args, "cancel_file", None)))

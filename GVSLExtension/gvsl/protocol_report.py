@@ -64,6 +64,7 @@ def _pct(v, sd=None) -> str:
 
 def _budget(config, channels, splits) -> dict:
     return {"steps": config.steps, "batch_size": config.batch_size, "crop_voxels": config.crop, "lr": config.lr,
+            "lr_schedule": config.lr_schedule, "spacing_mm": config.spacing_mm or "the task's (1 mm)",
             "optimizer": "Adam", "loss": "Dice + cross-entropy", "validate_every": config.val_every,
             "kept": "best validation Dice (seg_best.pt)", "seed": config.seed,
             "model_channels": channels or "the published width (32 64 128 256 512 256 128 64 32)",
@@ -91,7 +92,7 @@ def report_markdown(config, dataset, splits, runs: List[dict], n_planned: int, s
              f"{splits['rule']} (seed {splits['seed']}): train {c['train']}, val {c['val']}, test {c['test']}"
              + (f", unused {c['unused']}" if c.get("unused") else "") + " (`splits.json`).",
              f"* Budget of every run: {b['steps']} steps of {b['batch_size']} patch(es) of {b['crop_voxels']}^3 voxels, "
-             f"Adam lr {b['lr']:g}, Dice + cross-entropy, validation every {b['validate_every']} steps with the best "
+             f"Adam lr {b['lr']:g} ({b['lr_schedule']}), grid spacing {b['spacing_mm']} mm, Dice + cross-entropy, validation every {b['validate_every']} steps with the best "
              f"checkpoint kept, seed {b['seed']}, network channels {b['model_channels']}.",
              f"* Status: {state}.", "",
              "## Dice (%) on the test cases", "",

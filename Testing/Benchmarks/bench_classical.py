@@ -87,8 +87,9 @@ def elastix_registration(fixed: sitk.Image, moving: sitk.Image, threads: int):
     params.AddParameterMap(params.GetDefaultParameterMap("affine"))
     params.AddParameterMap(params.GetDefaultParameterMap("bspline"))
     t0 = time.perf_counter()
-    _, result = itk.elastix_registration_method(f, m, parameter_object=params, log_to_console=False,
-                                                number_of_threads=threads or 0)
+    # threads via ITK's global default only: itk-elastix 0.2x segfaults in UpdateLargestPossibleRegion
+    # when number_of_threads= is also passed (measured here, Dec 2026)
+    _, result = itk.elastix_registration_method(f, m, parameter_object=params, log_to_console=False)
     seconds = time.perf_counter() - t0
     import os
     import tempfile
