@@ -23,7 +23,7 @@ def test_demo_end_to_end_writes_summary_and_pictures(tmp_path, capsys):
             assert f.read(8) == b"\x89PNG\r\n\x1a\n"
     for name in ("warped.nii.gz", "composite.h5", "metrics.json", "overview.png"):
         assert (out / "register-pretrained" / name).exists()
-    assert (out / "summary.md").read_text().startswith("# GVSL demo summary")
+    assert (out / "summary.md").read_text(encoding="utf-8").startswith("# GVSL demo summary")
     seg = summary["segmentation"]
     assert seg["steps"] == 2 and set(seg["dice"]) == {
         "Left ventricle myocardium", "Left atrium blood cavity", "Left ventricle blood cavity",

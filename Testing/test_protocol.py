@@ -192,11 +192,11 @@ def test_cli_end_to_end_writes_the_report_and_a_rerun_skips(phantoms, tiny_pretr
     stages = [e for e in events if e["task"] == "protocol" and e["event"] == "stage" and e["stage"] == "run"]
     assert [e["run"] for e in stages] == ["gvsl_final-finetune", "gvsl_final-linear", "scratch-finetune", "scratch-linear"]
     assert any(e["task"] == "finetune" and e["event"] == "step" for e in events)
-    splits = json.loads((out / "splits.json").read_text())
+    splits = json.loads((out / "splits.json").read_text(encoding="utf-8"))
     assert splits["seed"] == 0 and splits["rule"] == "2/1/1" and splits["counts"]["test"] == 1
     again = make_splits(read_dataset(data).cases, "2/1/1", 0)
     assert all(splits[k] == json.loads(json.dumps(again[k])) for k in ("train", "val", "test"))
-    results = json.loads((out / "results.json").read_text())
+    results = json.loads((out / "results.json").read_text(encoding="utf-8"))
     assert results["status"] == "complete" and results["n_runs_done"] == 4
     test_id = splits["test"][0]["id"]
     table = load_task_table("heart")
@@ -215,7 +215,7 @@ def test_cli_end_to_end_writes_the_report_and_a_rerun_skips(phantoms, tiny_pretr
                 dices.append(2 * (t & p).sum() / (t.sum() + p.sum()))
                 assert case["structures"][lab.name]["dice"] == pytest.approx(dices[-1], abs=1e-6)
         assert run["mean_dice"] == pytest.approx(np.mean(dices), abs=1e-6) and run["sd_dice"] == 0.0
-    report = (out / "report.md").read_text()
+    report = (out / "report.md").read_text(encoding="utf-8")
     for init, mode in [("gvsl_final", "finetune"), ("gvsl_final", "linear"), ("scratch", "finetune"),
                        ("scratch", "linear")]:
         assert f"| {init} | {mode} |" in report
@@ -226,13 +226,13 @@ def test_cli_end_to_end_writes_the_report_and_a_rerun_skips(phantoms, tiny_pretr
     assert load_checkpoint(out / "runs" / "scratch-finetune" / "seg_best.pt")["preprocessing"]["spacing_mm"] == 1.5
     png = (out / "dice_bars.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
-    before = (out / "runs" / "scratch-linear" / "results.json").read_text()
+    before = (out / "runs" / "scratch-linear" / "results.json").read_text(encoding="utf-8")
     # a re-run skips every finished run (and says so)
     assert gvsl_main(argv) == 0
     events = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
     assert [e["run"] for e in events if e.get("stage") == "skipped"] == [e["run"] for e in stages]
     assert not any(e["task"] == "finetune" for e in events)
-    assert (out / "runs" / "scratch-linear" / "results.json").read_text() == before
+    assert (out / "runs" / "scratch-linear" / "results.json").read_text(encoding="utf-8") == before
     # another split of the same folder is refused
     rc = gvsl_main([a if a != "2/1/1" else "1/1/2" for a in argv])
     assert rc == 2 and "another split" in capsys.readouterr().err
@@ -243,7 +243,7 @@ def test_asoca_and_candi_end_to_end_cancel_and_resume(phantoms, tmp_path):
     s = run_protocol(task="coronary", data=str(asoca), out=str(tmp_path / "cor"), split="1/1/1", modes="finetune",
                      **TINY)
     assert s["status"] == "done" and [r["run"] for r in s["runs"]] == ["scratch-finetune"]
-    res = json.loads((tmp_path / "cor" / "results.json").read_text())
+    res = json.loads((tmp_path / "cor" / "results.json").read_text(encoding="utf-8"))
     assert set(res["runs"][0]["dice_per_structure"]) == {"Coronary arteries"}
     # a finished run made with other settings is not silently reused; --overwrite redoes it
     with pytest.raises(ProtocolError, match=r"other settings \(steps differ\): pass --overwrite"):
@@ -252,9 +252,9 @@ def test_asoca_and_candi_end_to_end_cancel_and_resume(phantoms, tmp_path):
     s = run_protocol(task="coronary", data=str(asoca), out=str(tmp_path / "cor"), split="1/1/1", modes="finetune",
                      overwrite=True, **{**TINY, "steps": 3})
     assert s["status"] == "done" and s["skipped"] == []
-    run = json.loads((tmp_path / "cor" / "runs" / "scratch-finetune" / "results.json").read_text())
+    run = json.loads((tmp_path / "cor" / "runs" / "scratch-finetune" / "results.json").read_text(encoding="utf-8"))
     assert run["settings"]["steps"] == 3 and json.loads(
-        (tmp_path / "cor" / "runs" / "scratch-finetune" / "history.json").read_text())["step"] == [1, 2, 3]
+        (tmp_path / "cor" / "runs" / "scratch-finetune" / "history.json").read_text(encoding="utf-8"))["step"] == [1, 2, 3]
     # CANDI: the extra FreeSurfer label becomes background; cancel in the first run, then resume
     candi = make_candi(tmp_path / "CANDI", phantoms["brain"])
     token = CancelToken()
@@ -268,16 +268,16 @@ def test_asoca_and_candi_end_to_end_cancel_and_resume(phantoms, tmp_path):
     assert s["status"] == "cancelled" and s["runs"] == []
     assert (out / "runs" / "scratch-linear" / "seg_last.pt").exists()
     assert not (out / "runs" / "scratch-linear" / "results.json").exists()
-    assert json.loads((out / "results.json").read_text())["status"] == "incomplete"
-    assert "INCOMPLETE" in (out / "report.md").read_text()
+    assert json.loads((out / "results.json").read_text(encoding="utf-8"))["status"] == "incomplete"
+    assert "INCOMPLETE" in (out / "report.md").read_text(encoding="utf-8")
     records = []
     s = run_protocol(task="brain", data=str(candi), out=str(out), split="1/1/1", modes="linear",
                      callback=records.append, **TINY)
     assert s["status"] == "done" and s["skipped"] == []
     assert any(r.get("event") == "resumed" and r.get("step") == 1 for r in records)
-    report = (out / "report.md").read_text()
+    report = (out / "report.md").read_text(encoding="utf-8")
     assert "| scratch | linear |" in report and "mapped to background" in report
-    run = json.loads((out / "runs" / "scratch-linear" / "results.json").read_text())
+    run = json.loads((out / "runs" / "scratch-linear" / "results.json").read_text(encoding="utf-8"))
     assert run["settings"]["ignore_unknown_labels"] is True
     assert next(iter(run["cases"].values()))["unknown_truth_voxels"] == 8
     with pytest.raises(ProtocolError, match="lies inside --data"):
@@ -321,5 +321,5 @@ def test_sigint_stops_cleanly_and_exits_130(phantoms, tmp_path):
     assert proc.returncode == 130, err
     assert '"event": "cancelled"' in rest and '"stopped_by": "SIGINT"' in rest
     assert (out / "runs" / "scratch-finetune" / "seg_last.pt").exists()
-    assert json.loads((out / "results.json").read_text())["status"] == "incomplete"
+    assert json.loads((out / "results.json").read_text(encoding="utf-8"))["status"] == "incomplete"
     assert not (out / ".gvsl.lock").exists()
