@@ -253,12 +253,8 @@ def read_candi(root: PathLike) -> Dataset:
 
 
 def _stem(path: Path) -> str:
-    from gvsl.io import IMAGE_EXTENSIONS
-    name = path.name
-    for ext in sorted(IMAGE_EXTENSIONS, key=len, reverse=True):
-        if name.lower().endswith(ext):
-            return name[: -len(ext)]
-    return path.stem
+    from gvsl.io import image_stem
+    return image_stem(path)
 
 
 def read_plain(root: PathLike) -> Dataset:

@@ -60,6 +60,16 @@ def is_image_file(path: PathLike) -> bool:
     return str(path).lower().endswith(IMAGE_EXTENSIONS)
 
 
+def image_stem(path: PathLike) -> str:
+    """A file name without its image extension (``case_01.nii.gz`` -> ``case_01``), the name that
+    matches an image with its label map; other names lose their last suffix (``Path.stem``)."""
+    name = Path(path).name
+    for ext in sorted(IMAGE_EXTENSIONS, key=len, reverse=True):
+        if name.lower().endswith(ext):
+            return name[: -len(ext)]
+    return Path(path).stem
+
+
 def _dicom_series_ids(folder: Path) -> List[str]:
     """Series instance UIDs in ``folder``; GDCM's "No Series were found" warning (printed for
     every folder without DICOM files) is silenced."""

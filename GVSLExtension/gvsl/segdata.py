@@ -125,12 +125,8 @@ class LabelEncoder:
 # pairs, checks, cases
 # ----------------------------------------------------------------------------------------
 def _stem(path: Path) -> str:
-    from gvsl.io import IMAGE_EXTENSIONS
-    name = path.name
-    for ext in sorted(IMAGE_EXTENSIONS, key=len, reverse=True):
-        if name.lower().endswith(ext):
-            return name[: -len(ext)]
-    return path.stem
+    from gvsl.io import image_stem
+    return image_stem(path)
 
 
 def _files(folder: Path) -> List[Path]:
