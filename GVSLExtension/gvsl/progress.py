@@ -13,10 +13,12 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
 import sys
 import threading
 import time
-from typing import Callable, Optional, TextIO
+from contextlib import contextmanager
+from typing import Callable, Iterator, Optional, TextIO
 
 
 class Cancelled(Exception):
@@ -54,6 +56,26 @@ class CancelToken:
     def raise_if_cancelled(self) -> None:
         if self.cancelled:
             raise Cancelled(self.reason)
+
+
+@contextmanager
+def cancel_on_signals(cancel: CancelToken) -> Iterator[CancelToken]:
+    """While inside: SIGINT/SIGTERM set ``cancel`` (reason "SIGINT"/"SIGTERM") instead of killing
+    the process, so loops stop after their current step and save; the previous handlers come
+    back on exit. Only in the main thread (Python allows handlers nowhere else); elsewhere a no-op."""
+    previous = {}
+
+    def handler(signum, _frame):
+        cancel.cancel(signal.Signals(signum).name)
+
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            previous[sig] = signal.signal(sig, handler)
+    try:
+        yield cancel
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
 
 
 def json_safe(value):

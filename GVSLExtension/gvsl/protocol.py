@@ -35,8 +35,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import signal
-import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -45,7 +43,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 from gvsl.datasets import (PAPER_SPLITS, TASK_OF_LAYOUT, Dataset, DatasetLayoutError, SplitError, make_splits,
                            parse_split, read_dataset)
 from gvsl.errors import GVSLError
-from gvsl.progress import CancelToken, Progress, json_safe
+from gvsl.progress import CancelToken, Progress, cancel_on_signals, json_safe
 
 TASKS = ("heart", "coronary", "brain")
 MODES = ("finetune", "linear")
@@ -341,18 +339,10 @@ def run_protocol(config: Optional[ProtocolConfig] = None, callback: Optional[Cal
     channels = _network_channels(config)
     runs = [(name, path, mode) for name, path in init_names(config.pretrained) for mode in config.modes]
     progress.total = len(runs)
-    previous = {}
-
-    def handler(signum, _frame):
-        cancel.cancel(signal.Signals(signum).name)
-
-    if threading.current_thread() is threading.main_thread():
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            previous[sig] = signal.signal(sig, handler)
     results: List[dict] = []
     skipped: List[str] = []
     status = "done"
-    try:
+    with cancel_on_signals(cancel):
         with RunFolder(config.out, "protocol", inputs={"--data": config.data, "--pretrained": config.pretrained},
                        overwrite=config.overwrite, resume=not config.overwrite, lock=True, results=RESULTS):
             out = Path(config.out)
@@ -377,9 +367,6 @@ def run_protocol(config: Optional[ProtocolConfig] = None, callback: Optional[Cal
                 progress.update(i, run=result["run"], mean_dice=result.get("mean_dice"))
             files = write_report(out, config, dataset, splits, results, n_planned=len(runs), status=status,
                                  channels=channels)
-    finally:
-        for sig, old in previous.items():
-            signal.signal(sig, old)
     summary = {"status": status, "out": config.out, "splits": str(splits_path), **{k: str(v) for k, v in files.items()},
                "runs": [{"run": r["run"], "mean_dice": r.get("mean_dice"), "sd_dice": r.get("sd_dice")} for r in results],
                "skipped": skipped}

@@ -76,8 +76,6 @@ from __future__ import annotations
 
 import json
 import math
-import signal
-import threading
 import time
 from pathlib import Path
 from typing import Callable, Dict, Optional
@@ -423,25 +421,16 @@ def run_task(task: TrainingTask, config, callback: Optional[Callable[[dict], Non
     """Build a :class:`Trainer`, run it, close it. SIGINT/SIGTERM (main thread only) set the
     cancel token: the current step finishes, ``P_last.pt`` is saved, the summary says
     ``status: cancelled`` and ``stopped_by``."""
+    from gvsl.progress import cancel_on_signals
     cancel = cancel or CancelToken()
-    previous = {}
-
-    def handler(signum, _frame):
-        cancel.cancel(signal.Signals(signum).name)
-
-    if threading.current_thread() is threading.main_thread():
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            previous[sig] = signal.signal(sig, handler)
     trainer = None
     from gvsl.outputs import training_folder, training_results
     try:
         # rank 0 checks and locks config.out first (an earlier run there needs resume/overwrite)
-        with training_folder(config, task.name, training_results(task.prefix)):
+        with cancel_on_signals(cancel), training_folder(config, task.name, training_results(task.prefix)):
             trainer = Trainer(task, config, callback=callback, cancel=cancel)
             return trainer.run()
     finally:
-        for sig, old in previous.items():
-            signal.signal(sig, old)
         if trainer is not None:
             trainer.close()
 
