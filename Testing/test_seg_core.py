@@ -7,9 +7,8 @@ import SimpleITK as sitk
 import torch
 
 from gvsl.checkpoint import CheckpointError, load_checkpoint, load_model, save_checkpoint
-from gvsl.labels import LabelTable
 from gvsl.network import GVSL, ModelConfig
-from gvsl.phantoms import HEART_LABELS, make_brain_phantom, make_heart_phantom
+from gvsl.phantoms import HEART_LABELS, make_heart_phantom
 from gvsl.segdata import (Case, LabelEncoder, SegmentationDataError, find_pairs, load_case,
                           load_remap, resolve_table, sample_batch, sample_patch)
 from gvsl.segmodel import SegmentationNet, init_backbone_from, label_table_of, labels_entry, new_model

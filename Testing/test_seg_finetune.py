@@ -68,6 +68,7 @@ def test_heart_finetune_checkpoint_segment_evaluate(heart_cases, tmp_path):
 
 def test_cancel_keeps_last_checkpoint_and_resume_is_exact(heart_cases, tmp_path):
     full = finetune(_config(heart_cases, tmp_path / "full", validate_every=0))
+    assert full["status"] == "done" and full["step"] == 6
     token = CancelToken()
 
     def stop_at_3(record):

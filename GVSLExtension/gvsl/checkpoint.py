@@ -23,6 +23,7 @@ from __future__ import annotations
 import os
 import pickle
 import zipfile
+from typing import Optional
 from pathlib import Path
 
 import torch
